@@ -1,0 +1,92 @@
+"""The ``cvgen`` command.
+
+Training goes through LightningCLI (``fit``, ``validate``, ``test``, ``predict``); the other
+commands (``model``, ``data``, ``serve``, ``generate``) are plain tools. Each tool command is
+a module with ``add_parser(subparsers)``; listing it in ``TOOLS`` is all it takes to add one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from cvgen.errors import CVGenError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# command -> module with add_parser(subparsers) that sets `func` on its parser
+TOOLS = {
+    "model": "cvgen.commands.model",
+    "data": "cvgen.commands.data",
+    "serve": "cvgen.serve.cli",
+    "generate": "cvgen.serve.generate",
+}
+
+USAGE = """usage: cvgen <command> [options]
+
+Training (LightningCLI; `cvgen fit --help` for every option):
+  fit        train a LoRA:            cvgen fit --config configs/demo.yaml
+  validate   validation loss/samples: cvgen validate --config ... --ckpt_path last
+  test       loss on the held-out set
+  predict    img2img on the held-out photos
+
+Tools:
+  model      build models:            cvgen model random --arch tiny --out models/tiny
+  data       datasets:                cvgen data sample --out data/sample
+  serve      HTTP img2img server:     cvgen serve --config configs/serve.yaml
+  generate   one image, no server:    cvgen generate --image in.jpg --prompt ... --out out.jpg
+"""
+
+
+def _available_tools() -> dict[str, str]:
+    out = {}
+    for name, module in TOOLS.items():
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None:
+            out[name] = module
+    return out
+
+
+def run_tool(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cvgen")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in _available_tools().values():
+        importlib.import_module(module).add_parser(sub)
+    args = parser.parse_args(list(argv))
+    return int(args.func(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not args or args[0] in ("-h", "--help"):
+            print(USAGE)
+            return 0 if args else 2
+        if args[0] in TOOLS:
+            if args[0] not in _available_tools():
+                print(f"cvgen: error: command {args[0]!r} is not available in this install",
+                      file=sys.stderr)
+                return 2
+            return run_tool(args)
+        if args[0] not in LIGHTNING_COMMANDS and not args[0].startswith("-"):
+            print(f"cvgen: error: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+        from cvgen.training.cli import run_cli
+
+        run_cli(None if argv is None else args)
+        return 0
+    except CVGenError as e:
+        print(f"cvgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cvgen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

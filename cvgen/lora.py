@@ -1,0 +1,223 @@
+"""LoRA adapters on a frozen Stable Diffusion model: add, collect, save and load.
+
+Plain functions over diffusers/transformers models and peft; the LightningModule, the export
+callback, ``cvgen generate`` and the server all go through them.
+
+Files written by :func:`save_lora`:
+- ``pytorch_lora_weights.safetensors``: diffusers format, loads with
+  ``pipe.load_lora_weights(folder)``; the LoRA config (rank, alpha, targets) is stored in
+  the safetensors metadata so alpha survives the round trip.
+- ``pytorch_lora_weights_kohya.safetensors``: kohya format (``lora_unet_*``, ``lora_te_*``
+  with ``.alpha`` keys) that AUTOMATIC1111 and ComfyUI load natively.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class LoRASpec:
+    """What to adapt and how. ``alpha=None`` means ``alpha = rank`` (scale 1)."""
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
+    init: str | bool = "gaussian"
+
+    def config(self) -> Any:
+        from peft import LoraConfig
+
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            lora_dropout=self.dropout,
+            init_lora_weights=self.init,  # type: ignore[arg-type]
+            target_modules=list(self.target_modules),
+        )
+
+
+def freeze(*models: nn.Module | None) -> None:
+    for m in models:
+        if m is not None:
+            m.requires_grad_(False)
+
+
+def add_lora(model: nn.Module, spec: LoRASpec, adapter_name: str = "default") -> list[nn.Parameter]:
+    """Add a LoRA adapter to a frozen diffusers or transformers model; return its parameters
+    (the only ones that require grad afterwards). Targets that match nothing are an error."""
+    try:
+        model.add_adapter(spec.config(), adapter_name=adapter_name)  # type: ignore[operator]
+    except ValueError as e:
+        raise ValueError(
+            f"cannot add LoRA to {type(model).__name__} with targets {spec.target_modules}: {e}"
+        ) from e
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def trainable_parameters(*models: nn.Module | None) -> list[nn.Parameter]:
+    return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def cast_lora_to_fp32(*models: nn.Module | None) -> None:
+    """Keep trainable (LoRA) parameters in fp32 while the frozen base runs in bf16/fp16: the
+    optimizer updates full-precision weights and the fp16 grad scaler can unscale them."""
+    for m in models:
+        if m is None:
+            continue
+        for p in m.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
+def has_lora(model: nn.Module | None) -> bool:
+    return model is not None and bool(getattr(model, "peft_config", None))
+
+
+def lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's LoRA weights in diffusers key format (fp32, on the CPU)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in convert_state_dict_to_diffusers(state).items()
+    }
+
+
+def _adapter_metadata(model: nn.Module | None) -> dict[str, Any] | None:
+    if not has_lora(model):
+        return None
+    cfg = model.peft_config["default"]  # type: ignore[union-attr,index]
+    meta = cfg.to_dict()
+    # sets are not JSON; diffusers serialises this into the safetensors header
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+
+
+def _alpha(model: nn.Module | None) -> float | None:
+    if not has_lora(model):
+        return None
+    return float(model.peft_config["default"].lora_alpha)  # type: ignore[union-attr,index]
+
+
+def to_kohya(
+    diffusers_sd: dict[str, torch.Tensor], unet_alpha: float, te_alpha: float | None
+) -> dict[str, torch.Tensor]:
+    """Convert a diffusers-format SD 1.x LoRA state dict to kohya format with correct alphas."""
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_sd))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in kohya.items():
+        # SD 1.x has one text encoder: kohya/A1111 call it lora_te (lora_te1 is SDXL's)
+        key = key.replace("lora_te1_", "lora_te_", 1)
+        if key.endswith(".alpha"):
+            alpha = unet_alpha if key.startswith("lora_unet_") else te_alpha
+            value = torch.tensor(float(alpha if alpha is not None else value))
+        out[key] = value.contiguous()
+    return out
+
+
+def save_lora(
+    out_dir: str | os.PathLike[str],
+    unet: nn.Module,
+    text_encoder: nn.Module | None = None,
+    kohya: bool = True,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write the LoRA files into ``out_dir`` atomically (each file is renamed into place
+    whole). Returns the path of the diffusers-format file."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unet_layers = lora_layers(unet)
+    te_layers = lora_layers(text_encoder) if has_lora(text_encoder) else None  # type: ignore[arg-type]
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=unet_layers,
+            text_encoder_lora_layers=te_layers,
+            weight_name=DIFFUSERS_WEIGHT_NAME,
+            unet_lora_adapter_metadata=_adapter_metadata(unet),
+            text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder),
+        )
+        names = [DIFFUSERS_WEIGHT_NAME]
+        if kohya:
+            flat = {f"unet.{k}": v for k, v in unet_layers.items()}
+            if te_layers:
+                flat.update({f"text_encoder.{k}": v for k, v in te_layers.items()})
+            unet_alpha = _alpha(unet)
+            assert unet_alpha is not None, "the UNet has no LoRA adapter"
+            kohya_sd = to_kohya(flat, unet_alpha, _alpha(text_encoder))
+            meta = {
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": str(unet.peft_config["default"].r),  # type: ignore[index,union-attr]
+                "ss_network_alpha": str(unet_alpha),
+                "ss_base_model_version": "sd_v1",
+                "ss_training_comment": "trained with cvgen",
+            }
+            save_file(kohya_sd, tmp / KOHYA_WEIGHT_NAME, metadata=meta)
+            names.append(KOHYA_WEIGHT_NAME)
+        if info is not None:
+            (tmp / "cvgen_lora.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+            names.append("cvgen_lora.json")
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / DIFFUSERS_WEIGHT_NAME
+
+
+def resolve_lora_file(path: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """(folder or file, weight_name) for ``load_lora_weights`` from a LoRA file or folder."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / DIFFUSERS_WEIGHT_NAME).is_file():
+            return str(p), DIFFUSERS_WEIGHT_NAME
+        if (p / "lora" / DIFFUSERS_WEIGHT_NAME).is_file():  # a run folder
+            return str(p / "lora"), DIFFUSERS_WEIGHT_NAME
+        raise FileNotFoundError(f"{p}: no {DIFFUSERS_WEIGHT_NAME} in this folder")
+    if p.is_file():
+        return str(p.parent), p.name
+    raise FileNotFoundError(f"{p}: no such LoRA file or folder")
+
+
+def load_lora_into_pipeline(
+    pipe: Any, path: str | os.PathLike[str], adapter_name: str = "default"
+) -> None:
+    """Load a LoRA file (diffusers or kohya format) or folder into a diffusers pipeline."""
+    folder, weight_name = resolve_lora_file(path)
+    pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
+
+
+def describe(spec: LoRASpec) -> dict[str, Any]:
+    return asdict(spec)
+
+
+def count_parameters(params: Iterable[nn.Parameter] | Sequence[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)

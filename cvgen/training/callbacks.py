@@ -1,0 +1,233 @@
+"""Training callbacks: LoRA export, sample images, and a checkpoint that knows its folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from cvgen import lora as lora_lib
+
+
+class LoRAExport(Callback):
+    """Writes the LoRA (diffusers + kohya formats) into ``dirpath``, atomically: every
+    ``every_n_train_steps`` steps, after each validation, and at the end of training.
+
+    Args:
+        dirpath: output folder (the CLI sets ``<default_root_dir>/lora``).
+        every_n_train_steps: also export every N optimizer steps (0: only at validation/end).
+        kohya: write the kohya-format file for AUTOMATIC1111 / ComfyUI beside the diffusers one.
+    """
+
+    def __init__(
+        self, dirpath: str | None = None, every_n_train_steps: int = 0, kohya: bool = True
+    ) -> None:
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps
+        self.kohya = kohya
+        self.last_export: Path | None = None
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath or os.path.join(trainer.default_root_dir, "lora"))
+
+    @rank_zero_only
+    def export(self, trainer: pl.Trainer, module: pl.LightningModule) -> Path:
+        info = {
+            "base": module.hparams.get("base"),
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "unet_lora": lora_lib.describe(module.unet_spec),
+            "text_encoder_lora": lora_lib.describe(module.te_spec) if module.te_spec else None,
+            "data_version": getattr(trainer.datamodule, "data_version", None)
+            if trainer.datamodule is not None
+            else None,
+        }
+        te = module.text_encoder if module.te_spec is not None else None
+        self.last_export = lora_lib.save_lora(
+            self._dir(trainer), module.unet, te, kohya=self.kohya, info=info
+        )
+        return self.last_export
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0 and trainer.global_step > 0:
+            self.export(trainer, module)
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.export(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.export(trainer, module)
+
+
+class SampleImages(Callback):
+    """At each validation, img2img on held-out photos with fixed seeds and prompts: a PNG grid
+    in ``dirpath`` (rows: input | base model | with LoRA) and an image logged to the logger.
+
+    Args:
+        dirpath: output folder (the CLI sets ``<default_root_dir>/samples``).
+        num_images: held-out photos to sample (at most).
+        prompts: prompts to use, cycled over the photos (default: each photo's caption).
+        negative_prompt: negative prompt for classifier-free guidance.
+        strength: img2img strength in (0, 1]; ``steps * strength`` denoising steps run.
+        num_inference_steps: scheduler steps at strength 1.
+        guidance_scale: classifier-free guidance scale.
+        scheduler: sampling scheduler (``dpm++``, ``ddim``, ``euler``, ``euler_a``, ...).
+        seed: seed of the first image (image i uses ``seed + i``).
+        at_start: also sample before training starts (a baseline row).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        num_images: int = 4,
+        prompts: list[str] | None = None,
+        negative_prompt: str = "blurry, deformed, low quality, cartoon",
+        strength: float = 0.6,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        scheduler: str = "dpm++",
+        seed: int = 0,
+        at_start: bool = False,
+    ) -> None:
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        self.dirpath = dirpath
+        self.num_images = num_images
+        self.prompts = prompts
+        self.negative_prompt = negative_prompt
+        self.strength = strength
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.scheduler = scheduler
+        self.seed = seed
+        self.at_start = at_start
+        self.last_grid: Path | None = None
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath or os.path.join(trainer.default_root_dir, "samples"))
+
+    def _inputs(self, trainer: pl.Trainer) -> list[tuple[Any, str]]:
+        dm = trainer.datamodule
+        val_set = getattr(dm, "val_set", None)
+        if val_set is None or len(val_set) == 0 or self.num_images <= 0:
+            return []
+        from cvgen.images import to_pil
+
+        items = []
+        for i in range(min(self.num_images, len(val_set))):
+            item = val_set[i]
+            prompt = self.prompts[i % len(self.prompts)] if self.prompts else item["text"]
+            items.append((to_pil(item["pixel_values"]), prompt))
+        return items
+
+    @torch.no_grad()
+    def sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> Path | None:
+        from cvgen.images import make_grid, save_image_atomic
+        from cvgen.pipeline import pipeline_from_components
+
+        inputs = self._inputs(trainer)
+        if not inputs:
+            return None
+        pipe = pipeline_from_components(module, self.scheduler)
+        device = module.device
+        autocast = (
+            torch.autocast(device.type, dtype=module.weight_dtype)
+            if module.weight_dtype != torch.float32
+            else torch.autocast(device.type, enabled=False)
+        )
+
+        def run(image: Any, prompt: str, seed: int) -> Any:
+            g = torch.Generator().manual_seed(seed)
+            with autocast:
+                return pipe(
+                    prompt=prompt,
+                    negative_prompt=self.negative_prompt or None,
+                    image=image,
+                    strength=self.strength,
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    generator=g,
+                ).images[0]
+
+        rows, captions = [], []
+        was_training = module.training
+        module.eval()
+        try:
+            for i, (image, prompt) in enumerate(inputs):
+                module.unet.disable_adapters()
+                if module.te_spec is not None:
+                    module.text_encoder.disable_adapters()
+                try:
+                    base_out = run(image, prompt, self.seed + i)
+                finally:
+                    module.unet.enable_adapters()
+                    if module.te_spec is not None:
+                        module.text_encoder.enable_adapters()
+                lora_out = run(image, prompt, self.seed + i)
+                rows.append([image, base_out, lora_out])
+                captions.append(prompt)
+        finally:
+            module.train(was_training)
+        grid = make_grid(rows)
+        path = self._dir(trainer) / f"step_{trainer.global_step:06d}.png"
+        save_image_atomic(grid, path)
+        save_image_atomic(grid, self._dir(trainer) / "latest.png")
+        self.last_grid = path
+        for logger in trainer.loggers:
+            log_image = getattr(logger, "log_image", None)
+            if callable(log_image):
+                log_image(
+                    key="samples",
+                    images=[grid],
+                    step=trainer.global_step,
+                    caption=["input | base | LoRA: " + " / ".join(captions)],
+                )
+        return path
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.at_start and trainer.is_global_zero:
+            self.sample(trainer, module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self.sample(trainer, module)
+
+
+def summary_lines(trainer: pl.Trainer) -> list[str]:
+    """Where a finished run put its outputs."""
+    lines = [f"cvgen: trained {trainer.global_step} steps"]
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, LoRAExport) and cb.last_export is not None:
+            lines.append(f"  LoRA (diffusers): {cb.last_export.resolve()}")
+            kohya = cb.last_export.resolve().parent / lora_lib.KOHYA_WEIGHT_NAME
+            if kohya.exists():
+                lines.append(f"  LoRA (kohya, A1111/ComfyUI): {kohya}")
+        if isinstance(cb, SampleImages) and cb.last_grid is not None:
+            grid = cb.last_grid.resolve()
+            lines.append(f"  sample images: {grid.parent}/ (latest: {grid.name})")
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and getattr(ckpt, "dirpath", None):
+        last = getattr(ckpt, "last_model_path", "") or ""
+        lines.append(f"  checkpoints: {ckpt.dirpath}" + (f" (last: {Path(last).name})" if last else ""))
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            try:
+                run_dir = Path(logger.experiment.dir).resolve().parent  # type: ignore[attr-defined]
+                offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+                how = f"offline; upload with: wandb sync {run_dir}" if offline else "online"
+                lines.append(f"  W&B run ({how}): {run_dir}")
+            except Exception:  # a logger that failed must not hide the rest
+                pass
+    return lines
+
+
+def print_summary(trainer: pl.Trainer) -> None:
+    rank_zero_info("\n".join(summary_lines(trainer)))
