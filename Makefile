@@ -1,0 +1,65 @@
+# cvgen: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# torch/torchvision pinned to the releases the dev machines carry locally; pip takes them
+# from there (no multi-GB download). Elsewhere pip fetches them from the index as usual.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.DEFAULT_GOAL := help
+.PHONY: help venv install demo train-gpu models/tiny data/sample test test-slow test-gpu lint format typecheck check clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_/.-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS) || $(BIN)/pip install -q torch torchvision
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+venv: $(VENV)/.installed ## create .venv and install cvgen with its dev tools
+
+install: venv ## same as venv
+
+models/tiny: $(VENV)/.installed ## build the tiny random SD model
+	@test -f models/tiny/model_index.json || $(BIN)/cvgen model random --arch tiny --out models/tiny
+
+data/sample: $(VENV)/.installed ## write the embedded sample portraits
+	@test -f data/sample/metadata.jsonl || $(BIN)/cvgen data sample --out data/sample
+
+demo: models/tiny data/sample ## set up and train the demo LoRA on CPU (tiny model, sample portraits)
+	$(BIN)/cvgen fit --config configs/demo.yaml
+
+train-gpu: $(VENV)/.installed ## train on SD 1.5 on a GPU (configs/lora.yaml)
+	$(BIN)/cvgen fit --config configs/lora.yaml
+
+test: $(VENV)/.installed ## run the tests (a few minutes on CPU)
+	$(BIN)/pytest -q
+
+test-slow: $(VENV)/.installed ## run the slow tests too
+	$(BIN)/pytest -q -m "slow or not slow"
+
+test-gpu: $(VENV)/.installed ## run the GPU tests (need CUDA)
+	$(BIN)/pytest -q -m gpu
+
+lint: $(VENV)/.installed ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(VENV)/.installed ## mypy
+	$(BIN)/mypy
+
+check: lint typecheck test ## lint, types and tests
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf runs wandb lightning_logs .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny random SD model and the sample portraits, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing in the tests may reach the network or write outside tmp dirs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random SD model as a diffusers folder (built once per test session)."""
+    from cvgen.modelzoo import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded sample portraits in the cvgen data layout (built once per session)."""
+    from cvgen.data.sample import write_sample_set
+
+    return write_sample_set(tmp_path_factory.mktemp("data") / "sample", size=96)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model: Path):
+    """A StableDiffusionImg2ImgPipeline on the tiny model (CPU, fp32); do not mutate it."""
+    from cvgen.pipeline import load_img2img
+
+    return load_img2img(tiny_model, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
