@@ -197,8 +197,8 @@ def build_pipeline(arch: str = "tiny", seed: int = 0, workdir: Path | None = Non
         tok_dir = Path(workdir or tmp) / "tokenizer-src"
         vocab_size, bos, eos = build_tokenizer_files(tok_dir)
         tokenizer = CLIPTokenizer(
-            vocab=str(tok_dir / "vocab.json"),
-            merges=str(tok_dir / "merges.txt"),
+            str(tok_dir / "vocab.json"),
+            str(tok_dir / "merges.txt"),
             model_max_length=77,
         )
     torch.manual_seed(seed)
