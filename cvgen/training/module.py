@@ -246,6 +246,9 @@ class LoRADiffusion(pl.LightningModule):
         loss = self.diffusion_step(batch, self._generator(self.global_step))
         bs = batch["pixel_values" if "pixel_values" in batch else "latents"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if self._trainer is not None:
+            for i, group in enumerate(self.trainer.optimizers[0].param_groups):
+                self.log(f"train/lr{'' if i == 0 else '_te'}", group["lr"], batch_size=bs)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
