@@ -67,14 +67,14 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         return len(self._batches(self.epoch))
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
+        # bookkeeping happens here, not lazily, so state_dict() is right from iter() on
         if self._started and self._skip == 0:
             self.epoch += 1  # a new pass: next epoch
         self._started = True
         skip, self._skip = self._skip, 0
         self.consumed = skip
         epoch = self.epoch
-        for batch in self._batches(epoch)[skip:]:
-            yield [(i, epoch) for i in batch]
+        return iter([[(i, epoch) for i in batch] for batch in self._batches(epoch)[skip:]])
 
     def mark_consumed(self) -> None:
         self.consumed += 1
