@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -131,6 +132,8 @@ class ObserveMiddleware:
             self.metrics.requests.labels(path, scope["method"], str(status)).inc()
             self.metrics.latency.labels(path).observe(seconds)
             line: dict[str, Any] = {
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "severity": "INFO" if status < 500 else "ERROR",
                 "event": "request",
                 "id": request_id,
                 "method": scope["method"],
