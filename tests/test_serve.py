@@ -335,3 +335,91 @@ def test_one_log_line_per_request_without_secrets(
     text = caplog.text
     assert KEY not in text and "secret prompt" not in text
     assert base64.b64encode(PHOTO[:60]).decode()[:40] not in text
+
+
+# --- fuzzing: no field values make a 500 ------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=24)
+_form_value = st.one_of(
+    _text,
+    st.integers(-(10**30), 10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["", " ", "1", "2", "0.5", "1e309", "-0", "0x10", "1_0", "NaN", "inf"]),
+)
+_json_value = st.one_of(
+    _form_value,
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**30), 10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+# no URL here may reach beyond this machine: refused ranges, a closed local port, junk
+_urls = st.sampled_from(
+    ["", "ftp://x/y", "http://10.0.0.1/a", "http://[::1]/a", "http://127.0.0.1:1/a", "not a url", "http://"]
+)
+_names = ("prompt", "negative_prompt", "strength", "steps", "guidance_scale", "seed", "lora_scale", "mood")
+_images = st.one_of(st.none(), st.just(PHOTO), st.just(TRUNCATED), st.binary(max_size=64))
+
+
+def _valid_or(value: st.SearchStrategy[Any], valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(valid, value)  # half the time a plausible value, so requests get far
+
+
+_form_fields = st.fixed_dictionaries(
+    {"prompt": _valid_or(_form_value, st.just("a portrait"))},
+    optional={
+        **{n: _valid_or(_form_value, st.sampled_from(["1", "2", "0.5"])) for n in _names[1:]},
+        "image_url": _urls,
+    },
+)
+_json_fields = st.fixed_dictionaries(
+    {"prompt": _valid_or(_json_value, st.just("a portrait"))},
+    optional={
+        **{n: _valid_or(_json_value, st.sampled_from([1, 2, 0.5])) for n in _names[1:]},
+        "image_url": _urls,
+        "image_b64": st.one_of(st.just(base64.b64encode(PHOTO).decode()), _text),
+    },
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(fields=_form_fields, image=_images)
+def test_fuzz_form_fields_never_500(client: TestClient, fields: dict[str, str], image: bytes | None) -> None:
+    r = predict(client, fields, image=image)
+    assert r.status_code in (200, 400, 403, 413, 415, 422), (r.status_code, r.text)
+    if r.status_code == 200:
+        assert decode(r.content).size == (SIZE, SIZE)
+    else:
+        assert isinstance(r.json()["detail"], str)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(fields=_json_fields, accept_json=st.booleans())
+def test_fuzz_json_fields_never_500(client: TestClient, fields: dict[str, Any], accept_json: bool) -> None:
+    headers = {**H, "Accept": "application/json"} if accept_json else H
+    r = client.post("/predict", json=fields, headers=headers)
+    assert r.status_code in (200, 400, 403, 413, 415, 422), (r.status_code, r.text)
+    if r.status_code == 200:
+        assert r.headers["content-type"] == ("application/json" if accept_json else "image/jpeg")
+    else:
+        assert isinstance(r.json()["detail"], str)
+
+
+def test_server_is_healthy_after_the_fuzzing(client: TestClient) -> None:
+    assert client.get("/health").status_code == 200
+    assert predict(client, {"prompt": "still fine", "seed": "1"}).status_code == 200
