@@ -45,12 +45,29 @@ def _params(seed: int, steps: int = 2, lora_scale: float = 1.0) -> GenParams:
     return GenParams("portrait", "", 0.5, steps, 5.0, seed, lora_scale)
 
 
-def test_generate_cli_writes_a_deterministic_jpeg(tiny_model: Path, photo: Path, tmp_path: Path) -> None:
+def test_generate_cli_writes_a_deterministic_jpeg(
+    tiny_model: Path, photo: Path, tmp_path: Path
+) -> None:
     outs = []
     for name in ("a.jpg", "b.jpg"):
         out = tmp_path / name
-        argv = ["generate", "--image", str(photo), "--prompt", "a portrait", "--out", str(out),
-                "--base", str(tiny_model), "--device", "cpu", "--steps", "2", "--seed", "9"]
+        argv = [
+            "generate",
+            "--image",
+            str(photo),
+            "--prompt",
+            "a portrait",
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--seed",
+            "9",
+        ]
         assert main(argv) == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
@@ -63,8 +80,19 @@ def test_generate_cli_validates_like_the_server(
     tiny_model: Path, photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "x.jpg"
-    argv = ["generate", "--image", str(photo), "--prompt", "p", "--out", str(out),
-            "--base", str(tiny_model), "--strength", "1.5"]
+    argv = [
+        "generate",
+        "--image",
+        str(photo),
+        "--prompt",
+        "p",
+        "--out",
+        str(out),
+        "--base",
+        str(tiny_model),
+        "--strength",
+        "1.5",
+    ]
     assert main(argv) == 2
     assert "strength" in capsys.readouterr().err and not out.exists()
     bad = tmp_path / "bad.jpg"
@@ -78,7 +106,11 @@ def test_generate_cli_validates_like_the_server(
 def test_engine_splits_incompatible_requests_and_keeps_order(tiny_model: Path) -> None:
     engine = Img2ImgEngine.load(ServeConfig(base=str(tiny_model), device="cpu"))
     photo = Image.new("RGB", (64, 64), (100, 50, 25))
-    reqs = [GenRequest(photo, _params(1)), GenRequest(photo, _params(2, steps=4)), GenRequest(photo, _params(3))]
+    reqs = [
+        GenRequest(photo, _params(1)),
+        GenRequest(photo, _params(2, steps=4)),
+        GenRequest(photo, _params(3)),
+    ]
     assert group_by_key(reqs) == [[0, 2], [1]]
     results = engine.generate(reqs)
     assert [r.params.seed for r in results] == [1, 2, 3]
@@ -95,7 +127,8 @@ def test_unfused_lora_scale_changes_the_image(tiny_model: Path, lora: Path) -> N
     assert engine.fixed_lora_scale is None
     photo = Image.new("RGB", (64, 64), (100, 50, 25))
     off, on, on2 = (
-        engine.generate([GenRequest(photo, _params(5, lora_scale=s))])[0].image for s in (0.0, 1.0, 1.0)
+        engine.generate([GenRequest(photo, _params(5, lora_scale=s))])[0].image
+        for s in (0.0, 1.0, 1.0)
     )
     assert np.array_equal(np.asarray(on), np.asarray(on2))
     assert not np.array_equal(np.asarray(off), np.asarray(on))

@@ -106,9 +106,13 @@ def client(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield c
 
 
-def predict(c: TestClient, data: dict[str, Any] | None = None, image: bytes | None = PHOTO, **kw: Any):
+def predict(
+    c: TestClient, data: dict[str, Any] | None = None, image: bytes | None = PHOTO, **kw: Any
+):
     files = {"image": ("photo.jpg", image, "image/jpeg")} if image is not None else None
-    return c.post("/predict", data=data or {}, files=files, headers={**H, **kw.pop("headers", {})}, **kw)
+    return c.post(
+        "/predict", data=data or {}, files=files, headers={**H, **kw.pop("headers", {})}, **kw
+    )
 
 
 def decode(content: bytes) -> Image.Image:
@@ -138,7 +142,13 @@ def test_predict_returns_a_jpeg_of_the_model_size(client: TestClient) -> None:
     assert (img.format, img.size, img.mode) == ("JPEG", (SIZE, SIZE), "RGB")
     assert r.headers["x-seed"] == "7"
     params = json.loads(r.headers["x-parameters"])
-    assert params == {"strength": 0.5, "steps": 2, "guidance_scale": 7.0, "seed": 7, "lora_scale": 1.0}
+    assert params == {
+        "strength": 0.5,
+        "steps": 2,
+        "guidance_scale": 7.0,
+        "seed": 7,
+        "lora_scale": 1.0,
+    }
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
 
 
@@ -159,7 +169,10 @@ def test_json_body_and_json_answer(client: TestClient) -> None:
     assert out["seed"] == 3 and out["media_type"] == "image/jpeg"
     assert decode(base64.b64decode(out["image_b64"])).size == (SIZE, SIZE)
     # same seed and inputs as the multipart request in the test above: the same image
-    assert base64.b64decode(out["image_b64"]) == predict(client, {"prompt": "portrait", "seed": "3"}).content
+    assert (
+        base64.b64decode(out["image_b64"])
+        == predict(client, {"prompt": "portrait", "seed": "3"}).content
+    )
 
 
 def test_image_url_from_an_allowlisted_host(client: TestClient, image_host: str) -> None:
@@ -175,7 +188,12 @@ def test_concurrent_requests_are_batched_each_gets_its_own_image(client: TestCli
         results: dict[str, Any] = {}
         barrier = threading.Barrier(3)
 
-        def send(tag: str, data: dict[str, str]) -> None:
+        def send(
+            tag: str,
+            data: dict[str, str],
+            barrier: threading.Barrier = barrier,
+            results: dict[str, Any] = results,
+        ) -> None:
             barrier.wait()
             results[tag] = predict(client, data)
 
@@ -288,7 +306,10 @@ def test_body_mistakes(client: TestClient, content: bytes, ctype: str, status: i
 def test_auth_guards_predict_and_metrics_not_health(client: TestClient) -> None:
     assert client.get("/health").status_code == 200  # probes need no key
     assert client.post("/predict", data={"prompt": "x"}).status_code == 401
-    assert client.post("/predict", data={"prompt": "x"}, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert (
+        client.post("/predict", data={"prompt": "x"}, headers={"X-API-Key": "wrong"}).status_code
+        == 401
+    )
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert client.get("/info").status_code == 401
@@ -323,10 +344,14 @@ def test_one_log_line_per_request_without_secrets(
     client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="cvgen.serve.access")
-    r = predict(client, {"prompt": "secret prompt", "seed": "1"}, headers={"X-Request-ID": "req-42"})
+    r = predict(
+        client, {"prompt": "secret prompt", "seed": "1"}, headers={"X-Request-ID": "req-42"}
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
     predict(client, {"seed": "1"}, headers={"X-Request-ID": "req-43"})
-    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "cvgen.serve.access"]
+    lines = [
+        json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "cvgen.serve.access"
+    ]
     mine = {ln["id"]: ln for ln in lines if ln["id"] in ("req-42", "req-43")}
     assert mine["req-42"]["status"] == 200 and mine["req-42"]["batch_size"] == 1
     assert mine["req-42"]["latency_ms"] > 0
@@ -360,13 +385,32 @@ _json_value = st.one_of(
 )
 # no URL here may reach beyond this machine: refused ranges, a closed local port, junk
 _urls = st.sampled_from(
-    ["", "ftp://x/y", "http://10.0.0.1/a", "http://[::1]/a", "http://127.0.0.1:1/a", "not a url", "http://"]
+    [
+        "",
+        "ftp://x/y",
+        "http://10.0.0.1/a",
+        "http://[::1]/a",
+        "http://127.0.0.1:1/a",
+        "not a url",
+        "http://",
+    ]
 )
-_names = ("prompt", "negative_prompt", "strength", "steps", "guidance_scale", "seed", "lora_scale", "mood")
+_names = (
+    "prompt",
+    "negative_prompt",
+    "strength",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "lora_scale",
+    "mood",
+)
 _images = st.one_of(st.none(), st.just(PHOTO), st.just(TRUNCATED), st.binary(max_size=64))
 
 
-def _valid_or(value: st.SearchStrategy[Any], valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+def _valid_or(
+    value: st.SearchStrategy[Any], valid: st.SearchStrategy[Any]
+) -> st.SearchStrategy[Any]:
     return st.one_of(valid, value)  # half the time a plausible value, so requests get far
 
 
@@ -394,7 +438,9 @@ _json_fields = st.fixed_dictionaries(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(fields=_form_fields, image=_images)
-def test_fuzz_form_fields_never_500(client: TestClient, fields: dict[str, str], image: bytes | None) -> None:
+def test_fuzz_form_fields_never_500(
+    client: TestClient, fields: dict[str, str], image: bytes | None
+) -> None:
     r = predict(client, fields, image=image)
     assert r.status_code in (200, 400, 403, 413, 415, 422), (r.status_code, r.text)
     if r.status_code == 200:
@@ -410,7 +456,9 @@ def test_fuzz_form_fields_never_500(client: TestClient, fields: dict[str, str], 
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(fields=_json_fields, accept_json=st.booleans())
-def test_fuzz_json_fields_never_500(client: TestClient, fields: dict[str, Any], accept_json: bool) -> None:
+def test_fuzz_json_fields_never_500(
+    client: TestClient, fields: dict[str, Any], accept_json: bool
+) -> None:
     headers = {**H, "Accept": "application/json"} if accept_json else H
     r = client.post("/predict", json=fields, headers=headers)
     assert r.status_code in (200, 400, 403, 413, 415, 422), (r.status_code, r.text)

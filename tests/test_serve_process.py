@@ -74,7 +74,9 @@ def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_pa
                 time.sleep(0.2)
             else:
                 pytest.fail("the server never became healthy")
-            r = c.post("/predict", data={"prompt": "portrait", "seed": "1"}, files=files, headers=headers)
+            r = c.post(
+                "/predict", data={"prompt": "portrait", "seed": "1"}, files=files, headers=headers
+            )
             assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
             assert Image.open(io.BytesIO(r.content)).size == (64, 64)
             assert c.post("/predict", data={"prompt": "portrait"}, files=files).status_code == 401
@@ -111,5 +113,7 @@ def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_pa
             break
         time.sleep(0.1)
     assert left == [], f"processes left behind: {left}"
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if '"event": "request"' in ln]
+    lines = [
+        ln for ln in log.read_text(errors="replace").splitlines() if '"event": "request"' in ln
+    ]
     assert lines and key not in log.read_text(errors="replace")  # JSON access lines, no key

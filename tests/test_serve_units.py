@@ -8,7 +8,7 @@ import ipaddress
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -159,7 +159,7 @@ def test_allowlist_opens_a_private_range() -> None:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    routes: ClassVar[dict[str, tuple[int, dict[str, str], bytes]]] = {}
 
     def do_GET(self) -> None:
         status, headers, body = self.routes.get(self.path, (404, {}, b""))
@@ -209,7 +209,7 @@ def test_fetch_with_allowlist_and_redirect(local_http: str) -> None:
 
 
 def test_fetch_rechecks_every_redirect(local_http: str) -> None:
-    with pytest.raises(ClientError, match="169.254.169.254"):
+    with pytest.raises(ClientError, match=r"169\.254\.169\.254"):
         _fetch(local_http + "/to-metadata", ["127.0.0.1/32"])
     with pytest.raises(ClientError, match="redirects"):
         _fetch(local_http + "/loop", ["127.0.0.1/32"], max_redirects=2)

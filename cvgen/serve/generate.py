@@ -51,7 +51,15 @@ def run(args: argparse.Namespace) -> int:
     cfg.lora = resolve_lora(cfg.lora, cfg.wandb_cache_dir)
     fields = {
         k: getattr(args, k)
-        for k in ("prompt", "negative_prompt", "strength", "steps", "guidance_scale", "seed", "lora_scale")
+        for k in (
+            "prompt",
+            "negative_prompt",
+            "strength",
+            "steps",
+            "guidance_scale",
+            "seed",
+            "lora_scale",
+        )
         if getattr(args, k) is not None
     }
     has_lora = bool(cfg.lora)

@@ -194,7 +194,9 @@ def check_image_sources(present: Mapping[str, bool]) -> str:
     """The one image field a request used; 422 for none or several."""
     used = [name for name in IMAGE_FIELDS if present.get(name)]
     if not used:
-        raise ClientError(422, "image", "is required: send a file 'image', 'image_b64' or 'image_url'")
+        raise ClientError(
+            422, "image", "is required: send a file 'image', 'image_b64' or 'image_url'"
+        )
     if len(used) > 1:
         raise ClientError(422, used[1], f"send only one of {', '.join(used)}")
     return used[0]

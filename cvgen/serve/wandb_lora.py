@@ -19,7 +19,9 @@ from cvgen.errors import CVGenError
 from cvgen.lora import resolve_lora_file
 
 SCHEME = "wandb://"
-_REF = re.compile(r"^(?P<entity>[\w.-]+)/(?P<project>[\w.-]+)/(?P<name>[\w.-]+)(?::(?P<alias>[\w.-]+))?$")
+_REF = re.compile(
+    r"^(?P<entity>[\w.-]+)/(?P<project>[\w.-]+)/(?P<name>[\w.-]+)(?::(?P<alias>[\w.-]+))?$"
+)
 
 
 def parse_ref(ref: str) -> tuple[str, str, str, str]:
@@ -30,7 +32,9 @@ def parse_ref(ref: str) -> tuple[str, str, str, str]:
     return m["entity"], m["project"], m["name"], m["alias"] or "latest"
 
 
-def resolve_lora(lora: str | None, cache_dir: str | os.PathLike[str], api: Any = None) -> str | None:
+def resolve_lora(
+    lora: str | None, cache_dir: str | os.PathLike[str], api: Any = None
+) -> str | None:
     """A local LoRA path for ``lora``: paths are checked and returned, ``wandb://`` references
     are downloaded (once) into ``cache_dir``. ``api`` defaults to ``wandb.Api()``."""
     if not lora:
