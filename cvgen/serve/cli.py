@@ -1,0 +1,143 @@
+"""``cvgen serve``: run the HTTP server, with a supervisor that makes SIGTERM clean.
+
+LitServe has no SIGTERM handler: SIGTERM to its main process orphans its worker processes.
+So ``cvgen serve`` is a small supervisor: it starts the server in a child process that leads
+its own process group, forwards SIGTERM/SIGINT to it, and after ``shutdown_grace`` seconds
+kills whatever is left in that group. The child turns SIGTERM into LitServe's graceful path
+(uvicorn stops accepting, finishes in-flight requests, then the workers are stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+from cvgen.serve.config import ServeConfig, load_config
+
+CHILD_ENV = "CVGEN_SERVE_CHILD_CONFIG"
+MAIN_FLAGS = ("base", "lora", "host", "port", "max_batch_size", "batch_timeout", "device", "dtype")
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``cvgen serve``."""
+    p = sub.add_parser(
+        "serve",
+        help="serve img2img over HTTP (LitServe)",
+        description="Serve image-to-image over HTTP: POST /predict, GET /health, GET /metrics. "
+        "Flags override the config file. The API key comes from the environment variable named "
+        "by api_key_env (default CVGEN_API_KEY).",
+    )
+    p.add_argument("--config", help="YAML config (configs/serve.yaml)")
+    p.add_argument("--base", help="base model: diffusers folder or hub id")
+    p.add_argument("--lora", help="LoRA file or folder, or wandb://entity/project/artifact:alias")
+    p.add_argument("--host", help="address to bind (0.0.0.0, 127.0.0.1 or ::)")
+    p.add_argument("--port", type=int, help="port (default: $PORT, else 8080)")
+    p.add_argument("--max_batch_size", type=int, help="most requests per batch")
+    p.add_argument("--batch_timeout", type=float, help="seconds to wait to fill a batch")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    overrides = {k: getattr(args, k, None) for k in MAIN_FLAGS}
+    if overrides["port"] is None and os.environ.get("PORT", "").isdigit():
+        overrides["port"] = int(os.environ["PORT"])  # Cloud Run sets $PORT
+    return load_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the LoRA, then supervise the server child until it exits or a signal comes."""
+    from cvgen.serve.wandb_lora import resolve_lora
+
+    cfg = config_from_args(args)
+    cfg.lora = resolve_lora(cfg.lora, cfg.wandb_cache_dir)
+    if cfg.host not in ("0.0.0.0", "127.0.0.1", "::"):
+        from cvgen.errors import CVGenError
+
+        raise CVGenError(f"host must be 0.0.0.0, 127.0.0.1 or ::, got {cfg.host!r}")
+    return supervise(cfg)
+
+
+def supervise(cfg: ServeConfig) -> int:
+    """Run the server in a child process group; forward SIGTERM/SIGINT; reap the group."""
+    env = {**os.environ, CHILD_ENV: cfg.to_json()}
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from cvgen.serve.cli import child_main; child_main()"],
+        env=env,
+        start_new_session=True,  # its own process group: everything LitServe starts is in it
+    )
+    stop_at: list[float] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if not stop_at:
+            stop_at.append(time.monotonic() + cfg.shutdown_grace + 5)
+            # only the server's main process: it drains uvicorn before stopping the workers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_at and time.monotonic() > stop_at[0]:
+                    _signal_group(child.pid, signal.SIGKILL)
+                    code = child.wait()
+                    break
+    finally:
+        _signal_group(child.pid, signal.SIGKILL)  # anything left in the group
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0 if stop_at and code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def child_main() -> None:
+    """The server process (started by :func:`supervise`): SIGTERM -> graceful shutdown."""
+    cfg = ServeConfig.from_json(os.environ.pop(CHILD_ENV))
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    access = logging.getLogger("cvgen.serve.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the line is JSON already
+    access.addHandler(handler)
+    access.propagate = False
+
+    main_pid = os.getpid()
+
+    def graceful(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != main_pid:
+            # a forked uvicorn process re-raising the signal after its own graceful drain
+            raise SystemExit(0)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once
+        raise KeyboardInterrupt  # LitServer.run's graceful-shutdown path
+
+    signal.signal(signal.SIGTERM, graceful)
+    signal.signal(signal.SIGINT, graceful)
+    from cvgen.serve.server import build_server
+
+    server = build_server(cfg, api_key=cfg.api_key())
+    server.run(
+        host=cfg.host,
+        port=cfg.port,
+        num_api_servers=1,  # one API process: /metrics counters are whole
+        log_level=cfg.log_level,
+        generate_client_file=False,
+        access_log=False,  # cvgen.serve.access logs one JSON line per request instead
+    )

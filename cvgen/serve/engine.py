@@ -1,0 +1,170 @@
+"""The img2img engine behind both ``cvgen serve`` and ``cvgen generate``.
+
+It owns the diffusers pipeline (base model + LoRA, fused when the scale is fixed), brings
+photos to the model's resolution keeping the face framing, and runs batches: requests that
+share steps, strength, guidance and LoRA scale go through one pipeline call, each with its own
+prompt and seeded generator, so the same seed and inputs give the same image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cvgen.images import resize_and_crop
+from cvgen.serve.config import ServeConfig
+from cvgen.serve.schema import GenParams
+
+log = logging.getLogger(__name__)
+DEFAULT_RESOLUTION = 512
+
+
+@dataclass
+class GenRequest:
+    """One image to make: a photo already at the model's resolution and its parameters."""
+
+    image: Image.Image
+    params: GenParams
+
+
+@dataclass
+class GenResult:
+    """One output image with what produced it."""
+
+    image: Image.Image
+    params: GenParams
+    batch_size: int  # requests in the pipeline call that made this image
+    batch_index: int  # position in that call (0: the first)
+    predict_seconds: float  # wall time of that pipeline call
+
+
+def model_resolution(base: str) -> int:
+    """The native image size of a diffusers SD folder: UNet sample size x VAE downscale.
+
+    Read from the config files, without loading weights; 512 (SD 1.5) when ``base`` is not a
+    local folder.
+    """
+    root = Path(base)
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return int(unet["sample_size"]) * factor
+    except (OSError, KeyError, TypeError, ValueError):
+        return DEFAULT_RESOLUTION
+
+
+def prepare_image(img: Image.Image, size: int) -> Image.Image:
+    """An RGB photo brought to ``size`` x ``size``, cropped so the face stays in frame."""
+    return resize_and_crop(img, size, size)
+
+
+def group_by_key(requests: Sequence[GenRequest]) -> list[list[int]]:
+    """Indices of ``requests`` grouped by :meth:`GenParams.batch_key`, in arrival order."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.params.batch_key(), []).append(i)
+    return list(groups.values())
+
+
+class Img2ImgEngine:
+    """A loaded pipeline that turns :class:`GenRequest` lists into :class:`GenResult` lists."""
+
+    def __init__(self, pipe: Any, cfg: ServeConfig, device: str) -> None:
+        self.pipe = pipe
+        self.cfg = cfg
+        self.device = device
+        self.has_lora = bool(cfg.lora)
+        # fused: the scale is baked into the weights and cannot change per request
+        self.fixed_lora_scale = cfg.lora_scale if (self.has_lora and cfg.fuse_lora) else None
+
+    @classmethod
+    def load(cls, cfg: ServeConfig, device: str | None = None) -> Img2ImgEngine:
+        """Load the base model and LoRA named in ``cfg`` (``cfg.lora`` must be a local path)."""
+        from cvgen.pipeline import load_img2img, resolve_device
+
+        dev = resolve_device(device or cfg.device)
+        t0 = time.perf_counter()
+        pipe = load_img2img(
+            cfg.base,
+            cfg.lora,
+            lora_scale=cfg.lora_scale,
+            fuse=cfg.fuse_lora,
+            device=dev,
+            dtype=cfg.dtype,
+            scheduler=cfg.scheduler,
+        )
+        log.info(
+            "model loaded: base=%s lora=%s fused=%s device=%s in %.1f s",
+            cfg.base,
+            cfg.lora,
+            cfg.fuse_lora,
+            dev,
+            time.perf_counter() - t0,
+        )
+        return cls(pipe, cfg, dev)
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolution or model_resolution(self.cfg.base)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        # CPU generators give the same noise on every device, so a seed means the same image
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    @torch.inference_mode()
+    def _run_group(self, requests: Sequence[GenRequest]) -> list[Image.Image]:
+        p = requests[0].params
+        kwargs: dict[str, Any] = {}
+        if self.has_lora and self.fixed_lora_scale is None:
+            kwargs["cross_attention_kwargs"] = {"scale": p.lora_scale}
+        out = self.pipe(
+            prompt=[r.params.prompt for r in requests],
+            negative_prompt=[r.params.negative_prompt for r in requests],
+            image=[r.image for r in requests],
+            strength=p.strength,
+            num_inference_steps=p.steps,
+            guidance_scale=p.guidance_scale,
+            generator=[self._generator(r.params.seed) for r in requests],
+            output_type="pil",
+            **kwargs,
+        )
+        return list(out.images)
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        """One result per request, in order; compatible requests share a pipeline call."""
+        results: list[GenResult | None] = [None] * len(requests)
+        for idx in group_by_key(requests):
+            group = [requests[i] for i in idx]
+            t0 = time.perf_counter()
+            images = self._run_group(group)
+            seconds = time.perf_counter() - t0
+            for pos, (i, img) in enumerate(zip(idx, images, strict=True)):
+                results[i] = GenResult(img, requests[i].params, len(idx), pos, seconds)
+        return [r for r in results if r is not None]
+
+    def memory(self) -> dict[str, int]:
+        """Resident memory of this process and, on CUDA, allocated GPU memory (bytes)."""
+        out = {"rss_bytes": process_rss_bytes()}
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            out["gpu_bytes"] = int(torch.cuda.memory_allocated())
+        return out
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,177 @@
+"""From an HTTP request to a validated job, in the API-server process, before any queue.
+
+Validation runs here and not in the inference worker on purpose: LitServe answers a whole
+batch with the error of any one request in it, so a bad request must never reach a batch.
+Each mistake is a :class:`ClientError` with a 4xx status naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from cvgen.images import ImageError, open_image
+from cvgen.serve.config import ServeConfig
+from cvgen.serve.engine import prepare_image
+from cvgen.serve.fetch import fetch_image_bytes, parse_networks
+from cvgen.serve.schema import ClientError, GenParams, check_image_sources, parse_params
+
+MAX_ASPECT = 8
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+@dataclass
+class Job:
+    """A request that passed validation: the photo at model resolution and its parameters."""
+
+    image: Image.Image
+    params: GenParams
+    want_json: bool
+    request_id: str
+
+    def payload(self) -> dict[str, Any]:
+        """What goes through the queue to the inference worker (picklable)."""
+        return {"image": self.image, "params": self.params, "request_id": self.request_id}
+
+
+def wants_json(request: Request) -> bool:
+    """Whether the client asked for a JSON answer (``Accept: application/json``)."""
+    accept = request.headers.get("accept", "").lower()
+    return "application/json" in accept and "image/jpeg" not in accept
+
+
+def decode_b64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise ClientError(422, "image_b64", "must be a base64 string")
+    if text.startswith("data:") and "," in text:  # a data: URL
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(422, "image_b64", "is not valid base64") from None
+
+
+class Ingress:
+    """Reads and validates ``POST /predict`` bodies for one server configuration."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        resolution: int,
+        lora_loaded: bool,
+        fixed_lora_scale: float | None,
+    ) -> None:
+        self.cfg = cfg
+        self.resolution = resolution
+        self.lora_loaded = lora_loaded
+        self.fixed_lora_scale = fixed_lora_scale
+        self.allowlist = parse_networks(cfg.url_allowlist)
+
+    async def _read_form(self, request: Request) -> tuple[dict[str, Any], bytes | None, bool]:
+        try:
+            form = await request.form(max_files=2, max_fields=32)
+        except (MultiPartException, HTTPException) as e:
+            detail = getattr(e, "message", None) or getattr(e, "detail", "")
+            raise ClientError(400, None, f"malformed form body: {detail}") from None
+        except (ValueError, KeyError, UnicodeDecodeError) as e:
+            raise ClientError(400, None, f"malformed form body ({type(e).__name__})") from None
+        fields: dict[str, Any] = {}
+        data: bytes | None = None
+        has_file = False
+        try:
+            for key in form:
+                values = form.getlist(key)
+                if len(values) > 1:
+                    raise ClientError(422, key[:64], "given more than once")
+                value = values[0]
+                if key == "image":
+                    if not isinstance(value, UploadFile):
+                        raise ClientError(422, "image", "must be a file upload")
+                    data = await value.read()
+                    has_file = len(data) > 0
+                    if not has_file:
+                        raise ClientError(422, "image", "is an empty file")
+                elif isinstance(value, UploadFile):
+                    raise ClientError(422, key[:64], "must be a text field, not a file")
+                else:
+                    fields[key] = value
+        finally:
+            await form.close()
+        return fields, data, has_file
+
+    async def _read_json(self, request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise ClientError(400, None, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ClientError(422, None, "the JSON body must be an object")
+        return body
+
+    async def parse(self, request: Request, request_id: str) -> Job:
+        """Validate a request and decode its photo; :class:`ClientError` on any mistake."""
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype in FORM_TYPES:
+            fields, data, has_file = await self._read_form(request)
+        elif ctype == "application/json":
+            fields, data, has_file = await self._read_json(request), None, False
+            if "image" in fields:
+                raise ClientError(422, "image", "send the photo as image_b64 in a JSON body")
+        else:
+            raise ClientError(
+                415,
+                None,
+                "unsupported media type: send multipart/form-data or application/json",
+            )
+        source = check_image_sources(
+            {
+                "image": has_file,
+                "image_b64": fields.get("image_b64") not in (None, ""),
+                "image_url": fields.get("image_url") not in (None, ""),
+            }
+        )
+        image_fields = {k: fields.pop(k) for k in ("image_b64", "image_url") if k in fields}
+        params = parse_params(fields, self.cfg, self.lora_loaded, self.fixed_lora_scale)
+        if source == "image_b64":
+            data = decode_b64(image_fields["image_b64"])
+        elif source == "image_url":
+            url = image_fields["image_url"]
+            if not isinstance(url, str):
+                raise ClientError(422, "image_url", "must be a string")
+            if not self.cfg.url_fetch:
+                raise ClientError(422, "image_url", "fetching URLs is disabled on this server")
+            data = await fetch_image_bytes(
+                url,
+                self.allowlist,
+                max_bytes=self.cfg.url_max_bytes,
+                max_redirects=self.cfg.url_max_redirects,
+                timeout=self.cfg.url_timeout,
+            )
+        assert data is not None
+        image = await run_in_threadpool(self._decode, data, source)
+        return Job(image, params, wants_json(request), request_id)
+
+    def _decode(self, data: bytes, field: str) -> Image.Image:
+        try:
+            img = open_image(data, max_pixels=self.cfg.max_pixels)
+        except ImageError as e:
+            message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+            message = message.removeprefix("<bytes>: ")
+            raise ClientError(422, field, message) from None
+        except Exception as e:  # any decoder failure on client bytes is the client's problem
+            raise ClientError(422, field, f"not a readable image ({type(e).__name__})") from None
+        if max(img.size) > MAX_ASPECT * min(img.size):
+            # scaling such a strip to cover the model's square would need huge buffers
+            raise ClientError(422, field, f"aspect ratio {img.width}x{img.height} is too extreme")
+        return prepare_image(img, self.resolution)
