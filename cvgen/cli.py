@@ -69,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if args else 2
         if args[0] in TOOLS:
             if args[0] not in _available_tools():
-                print(f"cvgen: error: command {args[0]!r} is not available in this install",
-                      file=sys.stderr)
+                print(
+                    f"cvgen: error: command {args[0]!r} is not available in this install",
+                    file=sys.stderr,
+                )
                 return 2
             return run_tool(args)
         if args[0] not in LIGHTNING_COMMANDS and not args[0].startswith("-"):

@@ -23,7 +23,9 @@ class ImageError(CVGenError, ValueError):
     """An image could not be used; the message says why."""
 
 
-def open_image(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(
+    source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Decode an image fully, apply its EXIF orientation and return it as RGB.
 
     Raises :class:`ImageError` for bytes that are not an image, truncated files and images
@@ -36,7 +38,7 @@ def open_image(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_IMA
         raise ImageError(f"{name}: cannot read: {e.strerror or e}") from e
     with fh:
         try:
-            img = Image.open(fh)
+            img: Image.Image = Image.open(fh)
             if img.width * img.height > max_pixels:
                 raise ImageError(
                     f"{name}: {img.width}x{img.height} is more than {max_pixels} pixels"
@@ -60,7 +62,9 @@ def open_image(source: str | os.PathLike[str] | bytes, max_pixels: int = MAX_IMA
     return img
 
 
-def resize_and_crop(img: Image.Image, width: int, height: int, top_bias: float = 0.35) -> Image.Image:
+def resize_and_crop(
+    img: Image.Image, width: int, height: int, top_bias: float = 0.35
+) -> Image.Image:
     """Scale ``img`` to cover ``width`` x ``height`` without distortion, then crop to it.
 
     The crop is centred horizontally; vertically it keeps more of the top (``top_bias`` of the

@@ -48,7 +48,7 @@ class LoRASpec:
             raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
         return LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,  # type: ignore[arg-type]
             lora_dropout=self.dropout,
             init_lora_weights=self.init,  # type: ignore[arg-type]
             target_modules=list(self.target_modules),
@@ -110,7 +110,7 @@ def lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
 def _adapter_metadata(model: nn.Module | None) -> dict[str, Any] | None:
     if not has_lora(model):
         return None
-    cfg = model.peft_config["default"]  # type: ignore[union-attr,index]
+    cfg: Any = model.peft_config["default"]  # type: ignore[union-attr,index]
     meta = cfg.to_dict()
     # sets are not JSON; diffusers serialises this into the safetensors header
     return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}

@@ -11,6 +11,7 @@ GPU checks; random weights, so its images are noise). The folder loads with
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import shutil
@@ -117,13 +118,75 @@ TEXT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 # Words the tokenizer's merges are learnt from: the vocabulary of portrait captions.
-_CORPUS = """
-a professional corporate headshot portrait photo of a man woman person smiling confident
-business suit shirt blazer jacket tie dress neutral grey gray white blue studio background
-soft lighting natural light bokeh office linkedin cv resume photograph sharp focus high quality
-detailed face eyes hair looking at the camera friendly serious executive engineer doctor
-lawyer teacher scientist astronaut officer uniform navy admiral wearing with and in on
-""".split()
+_CORPUS = [
+    "a",
+    "professional",
+    "corporate",
+    "headshot",
+    "portrait",
+    "photo",
+    "of",
+    "a",
+    "man",
+    "woman",
+    "person",
+    "smiling",
+    "confident",
+    "business",
+    "suit",
+    "shirt",
+    "blazer",
+    "jacket",
+    "tie",
+    "dress",
+    "neutral",
+    "grey",
+    "gray",
+    "white",
+    "blue",
+    "studio",
+    "background",
+    "soft",
+    "lighting",
+    "natural",
+    "light",
+    "bokeh",
+    "office",
+    "linkedin",
+    "cv",
+    "resume",
+    "photograph",
+    "sharp",
+    "focus",
+    "high",
+    "quality",
+    "detailed",
+    "face",
+    "eyes",
+    "hair",
+    "looking",
+    "at",
+    "the",
+    "camera",
+    "friendly",
+    "serious",
+    "executive",
+    "engineer",
+    "doctor",
+    "lawyer",
+    "teacher",
+    "scientist",
+    "astronaut",
+    "officer",
+    "uniform",
+    "navy",
+    "admiral",
+    "wearing",
+    "with",
+    "and",
+    "in",
+    "on",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -142,12 +205,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     """A small byte-pair-encoding learner over ``words`` (CLIP style: ``</w>`` ends a word)."""
-    vocab = collections.Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
+    vocab = collections.Counter((*w[:-1], w[-1] + "</w>") for w in words)
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: collections.Counter[tuple[str, str]] = collections.Counter()
         for word, freq in vocab.items():
-            for a, b in zip(word, word[1:], strict=False):
+            for a, b in itertools.pairwise(word):
                 pairs[(a, b)] += freq
         if not pairs:
             break
@@ -188,7 +251,12 @@ def build_tokenizer_files(out_dir: Path, num_merges: int = 400) -> tuple[int, in
 
 def build_pipeline(arch: str = "tiny", seed: int = 0, workdir: Path | None = None) -> Any:
     """Build a randomly initialised ``StableDiffusionPipeline`` of the given architecture."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if arch not in ARCHS:

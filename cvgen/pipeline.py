@@ -78,7 +78,7 @@ def load_img2img(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+    pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
         str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
     )
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -94,7 +94,7 @@ def pipeline_from_components(module: Any, scheduler: str = "dpm++") -> Any:
     """An img2img pipeline sharing the (LoRA-adapted) parts of a training module."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    pipe = StableDiffusionImg2ImgPipeline(
+    pipe: Any = StableDiffusionImg2ImgPipeline(
         vae=module.vae,
         text_encoder=module.text_encoder,
         tokenizer=module.tokenizer,

@@ -46,7 +46,9 @@ def test_training_config_parses_and_prints(config: Path, capsys) -> None:
     assert printed["trainer"]["logger"]["init_args"]["project"] == "cvgen"
 
 
-def test_demo_config_instantiates_with_overrides(tiny_model: Path, sample_data: Path, tmp_path: Path) -> None:
+def test_demo_config_instantiates_with_overrides(
+    tiny_model: Path, sample_data: Path, tmp_path: Path
+) -> None:
     demo = next(c for c in CONFIGS if c.name == "demo.yaml")
     cli = CVGenCLI(
         LoRADiffusion,
@@ -54,14 +56,22 @@ def test_demo_config_instantiates_with_overrides(tiny_model: Path, sample_data: 
         run=False,
         seed_everything_default=0,
         args=[
-            "--config", str(demo),
-            "--model.base", str(tiny_model),
-            "--data.root", str(sample_data),
-            "--data.resolution", "32",
-            "--data.batch_size", "1",
-            "--trainer.max_steps", "3",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger", "false",
+            "--config",
+            str(demo),
+            "--model.base",
+            str(tiny_model),
+            "--data.root",
+            str(sample_data),
+            "--data.resolution",
+            "32",
+            "--data.batch_size",
+            "1",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
         ],
     )
     assert isinstance(cli.model, LoRADiffusion)

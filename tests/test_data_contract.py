@@ -25,7 +25,10 @@ def make_set(root: Path, rows: list, images: tuple[str, ...] = ("a.jpg", "b.jpg"
 @pytest.mark.parametrize(
     ("rows", "match"),
     [
-        ([{"file_name": "a.jpg", "text": "x"}, {"file_name": "zz.jpg", "text": "y"}], r"metadata.jsonl:2: .*'zz.jpg' does not exist"),
+        (
+            [{"file_name": "a.jpg", "text": "x"}, {"file_name": "zz.jpg", "text": "y"}],
+            r"metadata.jsonl:2: .*'zz.jpg' does not exist",
+        ),
         ([{"file_name": "a.jpg", "text": ""}], r"metadata.jsonl:1: .*non-empty string"),
         ([{"file_name": "a.jpg", "text": "   "}], r"metadata.jsonl:1: .*non-empty string"),
         ([{"file_name": "a.jpg", "text": 3}], r"metadata.jsonl:1: .*non-empty string, got 3"),
@@ -34,7 +37,10 @@ def make_set(root: Path, rows: list, images: tuple[str, ...] = ("a.jpg", "b.jpg"
         (["{not json"], r"metadata.jsonl:1: not valid JSON"),
         (["[1, 2]"], r"metadata.jsonl:1: expected a JSON object"),
         ([{"file_name": "../a.jpg", "text": "x"}], r"metadata.jsonl:1: .*inside the folder"),
-        ([{"file_name": "a.jpg", "text": "x"}, {"file_name": "a.jpg", "text": "y"}], r"metadata.jsonl:2: .*listed again"),
+        (
+            [{"file_name": "a.jpg", "text": "x"}, {"file_name": "a.jpg", "text": "y"}],
+            r"metadata.jsonl:2: .*listed again",
+        ),
         ([{"file_name": "a.jpg", "text": "x", "split": "dev"}], r"metadata.jsonl:1: .*split"),
         ([], r"no entries"),
     ],
@@ -46,12 +52,14 @@ def test_metadata_errors_name_file_and_line(tmp_path: Path, rows, match) -> None
 
 
 def test_missing_metadata_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="metadata.jsonl: no such file"):
+    with pytest.raises(DataError, match=r"metadata\.jsonl: no such file"):
         read_metadata(tmp_path)
 
 
 def test_unreadable_image_names_the_line(tmp_path: Path) -> None:
-    root = make_set(tmp_path / "set", [{"file_name": "a.jpg", "text": "x"}, {"file_name": "c.jpg", "text": "y"}])
+    root = make_set(
+        tmp_path / "set", [{"file_name": "a.jpg", "text": "x"}, {"file_name": "c.jpg", "text": "y"}]
+    )
     (root / "c.jpg").write_text("this is not a picture")
     dm = PortraitDataModule(str(root), resolution=32, val_fraction=0.0, num_workers=0)
     dm.setup("fit")
@@ -69,14 +77,16 @@ def test_split_is_stable_and_honours_pinned_rows(tmp_path: Path) -> None:
     train, val = split_records(records, 0.3)
     assert len(val) == 3 and len(train) == 7
     assert records[0] in val and records[1] in train
-    again_train, again_val = split_records(list(reversed(records)), 0.3)
+    _, again_val = split_records(list(reversed(records)), 0.3)
     assert {r.path for r in again_val} == {r.path for r in val}
     assert split_records(records, 0.0)[1] == [records[0]]  # pinned rows stay held out
 
 
 def test_datamodule_batches(tmp_path: Path) -> None:
     names = [f"{i}.jpg" for i in range(6)]
-    root = make_set(tmp_path / "set", [{"file_name": n, "text": f"p{n}"} for n in names], tuple(names))
+    root = make_set(
+        tmp_path / "set", [{"file_name": n, "text": f"p{n}"} for n in names], tuple(names)
+    )
     dm = PortraitDataModule(str(root), resolution=32, batch_size=2, val_fraction=0.2, num_workers=0)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

@@ -155,7 +155,9 @@ def test_text_encoder_lora_round_trip(tiny_model: Path, tmp_path: Path):
 
     te = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
     te.requires_grad_(False)
-    lora_lib.add_lora(te, lora_lib.LoRASpec(rank=2, target_modules=lora_lib.TEXT_ENCODER_TARGETS, init=False))
+    lora_lib.add_lora(
+        te, lora_lib.LoRASpec(rank=2, target_modules=lora_lib.TEXT_ENCODER_TARGETS, init=False)
+    )
     pipe = _fresh_pipeline(tiny_model)
     unet = copy.deepcopy(pipe.unet)
     lora_lib.add_lora(unet, lora_lib.LoRASpec(rank=2, init=False))
@@ -164,7 +166,7 @@ def test_text_encoder_lora_round_trip(tiny_model: Path, tmp_path: Path):
     with torch.no_grad():
         expected = te(ids)[0]
     with safe_open(str(tmp_path / lora_lib.KOHYA_WEIGHT_NAME), "pt") as f:
-        assert any(k.startswith("lora_te_text_model_") for k in f.keys())
+        assert any(k.startswith("lora_te_text_model_") for k in f.keys())  # noqa: SIM118 (safe_open is no dict)
     pipe.load_lora_weights(str(tmp_path), weight_name=lora_lib.DIFFUSERS_WEIGHT_NAME)
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(ids)[0], expected, atol=1e-5, rtol=1e-4)

@@ -36,14 +36,22 @@ def test_batches_are_pure_deterministic_and_distinct(bucket_of, bs, seed) -> Non
 @settings(max_examples=30, deadline=None)
 @given(bucket_of=buckets, bs=st.integers(1, 3), world=st.integers(2, 4))
 def test_ranks_share_nothing_and_get_equal_counts(bucket_of, bs, world) -> None:
-    per_rank = [flat(BucketBatchSampler(bucket_of, bs, seed=1, rank=r, world_size=world)) for r in range(world)]
+    per_rank = [
+        flat(BucketBatchSampler(bucket_of, bs, seed=1, rank=r, world_size=world))
+        for r in range(world)
+    ]
     assert len({len(p) for p in per_rank}) == 1
     ids = [i for p in per_rank for batch in p for i in batch]
     assert len(ids) == len(set(ids))
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(4, 40), bs=st.integers(1, 4), consumed=st.integers(0, 12), epochs=st.integers(0, 2))
+@given(
+    n=st.integers(4, 40),
+    bs=st.integers(1, 4),
+    consumed=st.integers(0, 12),
+    epochs=st.integers(0, 2),
+)
 def test_resume_continues_exactly(n, bs, consumed, epochs) -> None:
     ref = BucketBatchSampler([0] * n, bs, seed=3)
     stream = []

@@ -124,7 +124,9 @@ def test_resume_matches_an_uninterrupted_run(
         torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], rtol=1e-5, atol=1e-7)
 
 
-def test_validate_test_and_predict_subcommands(demo_run: Path, tiny_model: Path, sample_data: Path) -> None:
+def test_validate_test_and_predict_subcommands(
+    demo_run: Path, tiny_model: Path, sample_data: Path
+) -> None:
     ckpt = str(demo_run / "checkpoints" / "last.ckpt")
     for cmd in ("validate", "test", "predict"):
         args = fit_args(tiny_model, sample_data, demo_run / cmd, 1, "--trainer.logger", "false")

@@ -34,4 +34,6 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> i
     if width <= 0 or height <= 0:
         raise ValueError(f"bad image size {width}x{height}")
     target = math.log(width / height)
-    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - target))
+    return min(
+        range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - target)
+    )

@@ -36,16 +36,14 @@ class LoRAExport(Callback):
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "lora"))
 
     @rank_zero_only
-    def export(self, trainer: pl.Trainer, module: pl.LightningModule) -> Path:
+    def export(self, trainer: pl.Trainer, module: Any) -> Path:
         info = {
             "base": module.hparams.get("base"),
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "unet_lora": lora_lib.describe(module.unet_spec),
             "text_encoder_lora": lora_lib.describe(module.te_spec) if module.te_spec else None,
-            "data_version": getattr(trainer.datamodule, "data_version", None)
-            if trainer.datamodule is not None
-            else None,
+            "data_version": getattr(getattr(trainer, "datamodule", None), "data_version", None),
         }
         te = module.text_encoder if module.te_spec is not None else None
         self.last_export = lora_lib.save_lora(
@@ -53,7 +51,9 @@ class LoRAExport(Callback):
         )
         return self.last_export
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any
+    ) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and trainer.global_step > 0:
             self.export(trainer, module)
@@ -114,7 +114,7 @@ class SampleImages(Callback):
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "samples"))
 
     def _inputs(self, trainer: pl.Trainer) -> list[tuple[Any, str]]:
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)
         val_set = getattr(dm, "val_set", None)
         if val_set is None or len(val_set) == 0 or self.num_images <= 0:
             return []
@@ -128,7 +128,7 @@ class SampleImages(Callback):
         return items
 
     @torch.no_grad()
-    def sample(self, trainer: pl.Trainer, module: pl.LightningModule) -> Path | None:
+    def sample(self, trainer: pl.Trainer, module: Any) -> Path | None:
         from cvgen.images import make_grid, save_image_atomic
         from cvgen.pipeline import pipeline_from_components
 
@@ -216,7 +216,10 @@ def summary_lines(trainer: pl.Trainer) -> list[str]:
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and getattr(ckpt, "dirpath", None):
         last = getattr(ckpt, "last_model_path", "") or ""
-        lines.append(f"  checkpoints: {ckpt.dirpath}" + (f" (last: {Path(last).name})" if last else ""))
+        lines.append(
+            f"  checkpoints: {getattr(ckpt, 'dirpath', '')}"
+            + (f" (last: {Path(last).name})" if last else "")
+        )
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":
             try:

@@ -82,7 +82,11 @@ class CVGenCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.add_lightning_class_args(SampleImages, "samples")
-        for key, name in (("checkpoint", "checkpoints"), ("export", "lora"), ("samples", "samples")):
+        for key, name in (
+            ("checkpoint", "checkpoints"),
+            ("export", "lora"),
+            ("samples", "samples"),
+        ):
             parser.link_arguments(
                 "trainer.default_root_dir", f"{key}.dirpath", compute_fn=_under_root(name)
             )

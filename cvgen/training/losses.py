@@ -20,7 +20,9 @@ def sample_noise(
     return noise.to(latents.device, latents.dtype)
 
 
-def target_for(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def target_for(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     """What the UNet must predict under the scheduler's ``prediction_type``."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

@@ -109,7 +109,7 @@ class LoRADiffusion(pl.LightningModule):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        hp = self.hparams
+        hp: Any = self.hparams
         kw: dict[str, Any] = {"revision": hp.revision}
         wkw = dict(kw, variant=hp.variant)
         self.tokenizer = CLIPTokenizer.from_pretrained(hp.base, subfolder="tokenizer", **kw)
@@ -137,6 +137,11 @@ class LoRADiffusion(pl.LightningModule):
         )
 
     @property
+    def hp(self) -> Any:
+        """The hyperparameters (typed loosely: they come from YAML)."""
+        return self.hparams
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -150,7 +155,7 @@ class LoRADiffusion(pl.LightningModule):
         self.weight_dtype = PRECISION_DTYPES.get(precision, torch.float32)
         vae_dtype = (
             torch.float32
-            if self.hparams.vae_fp32 and self.weight_dtype == torch.float16
+            if self.hp.vae_fp32 and self.weight_dtype == torch.float16
             else self.weight_dtype
         )
         for model, dtype in (
@@ -177,7 +182,7 @@ class LoRADiffusion(pl.LightningModule):
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in self._trainable_names}
         checkpoint["cvgen"] = {
-            "base": self.hparams.base,
+            "base": self.hp.base,
             "unet_lora": lora_lib.describe(self.unet_spec),
             "text_encoder_lora": lora_lib.describe(self.te_spec) if self.te_spec else None,
         }
@@ -194,7 +199,7 @@ class LoRADiffusion(pl.LightningModule):
     def _generator(self, offset: int) -> torch.Generator:
         rank = self.global_rank if self._trainer is not None else 0
         return torch.Generator().manual_seed(
-            (self.hparams.seed * 1_000_003 + offset * 101 + rank) % (2**63)
+            (self.hp.seed * 1_000_003 + offset * 101 + rank) % (2**63)
         )
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
@@ -228,13 +233,13 @@ class LoRADiffusion(pl.LightningModule):
                 cond = self.encode_text(batch["text"])
         else:
             cond = self.encode_text(batch["text"])
-        noise = sample_noise(latents, generator, self.hparams.noise_offset)
+        noise = sample_noise(latents, generator, self.hp.noise_offset)
         n_t = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, n_t, (latents.shape[0],), generator=generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = target_for(self.noise_scheduler, latents, noise, t)
         pred = self.unet(noisy, t, cond.to(self.weight_dtype)).sample
-        loss = diffusion_loss(pred, target, self.noise_scheduler, t, self.hparams.snr_gamma)
+        loss = diffusion_loss(pred, target, self.noise_scheduler, t, self.hp.snr_gamma)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.global_step}: lower the learning rate, "
@@ -284,7 +289,7 @@ class LoRADiffusion(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         from diffusers.optimization import get_scheduler
 
-        hp = self.hparams
+        hp: Any = self.hparams
         unet_params = lora_lib.trainable_parameters(self.unet)
         groups: list[dict[str, Any]] = [{"params": unet_params, "lr": hp.learning_rate}]
         if self.te_spec is not None:
@@ -311,4 +316,7 @@ class LoRADiffusion(pl.LightningModule):
             num_warmup_steps=hp.lr_warmup_steps,
             num_training_steps=max(total, 1),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
