@@ -9,7 +9,7 @@ PY := $(BIN)/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo train-gpu models/tiny data/sample test test-slow test-gpu lint format typecheck check clean
+.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_/.-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -37,7 +37,19 @@ demo: models/tiny data/sample ## set up and train the demo LoRA on CPU (tiny mod
 	$(BIN)/cvgen fit --config configs/demo.yaml
 
 train-gpu: $(VENV)/.installed ## train on SD 1.5 on a GPU (configs/lora.yaml)
-	$(BIN)/cvgen fit --config configs/lora.yaml
+	$(BIN)/cvgen fit --config configs/lora.yaml $(ARGS)
+
+models/sd15: $(VENV)/.installed ## build a random model of the full SD 1.5 architecture (GPU checks)
+	@test -f models/sd15/model_index.json || $(BIN)/cvgen model random --arch sd15 --out models/sd15
+
+serve: models/tiny ## serve img2img over HTTP on :8080 (tiny model, CPU)
+	$(BIN)/cvgen serve --config configs/serve.yaml $(ARGS)
+
+test-serve: $(VENV)/.installed ## run the serving tests
+	$(BIN)/pytest -q tests/test_serve_units.py tests/test_serve.py tests/test_serve_process.py tests/test_generate.py
+
+docker-serve: ## build the serving image (docker/serve.Dockerfile)
+	DOCKER_BUILDKIT=1 docker build -f docker/serve.Dockerfile -t cvgen-serve .
 
 test: $(VENV)/.installed ## run the tests (a few minutes on CPU)
 	$(BIN)/pytest -q
