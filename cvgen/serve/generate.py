@@ -14,6 +14,7 @@ from typing import Any
 
 from cvgen.errors import CVGenError
 from cvgen.serve.config import load_config
+from cvgen.serve.schema import PARAM_FIELDS
 
 
 def add_parser(sub: Any) -> None:
@@ -49,19 +50,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("base", "lora", "device", "dtype")}
     cfg = load_config(args.config, overrides)
     cfg.lora = resolve_lora(cfg.lora, cfg.wandb_cache_dir)
-    fields = {
-        k: getattr(args, k)
-        for k in (
-            "prompt",
-            "negative_prompt",
-            "strength",
-            "steps",
-            "guidance_scale",
-            "seed",
-            "lora_scale",
-        )
-        if getattr(args, k) is not None
-    }
+    fields = {k: getattr(args, k) for k in PARAM_FIELDS if getattr(args, k) is not None}
     has_lora = bool(cfg.lora)
     try:
         params = parse_params(
