@@ -41,20 +41,44 @@ def _add_prepare(dsub: Any) -> None:
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--resolution", type=int, default=d.resolution, help="longer output side (px)")
     p.add_argument("--aspect", type=float, default=d.aspect, help="output width / height")
-    p.add_argument("--min-size", type=int, default=d.min_size, help="smallest accepted shorter side (px)")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest accepted pixel count")
-    p.add_argument("--no-face", choices=("reject", "center"), default=d.no_face,
-                   help="photos without a face: reject, or centre-crop")
-    p.add_argument("--multiple-faces", choices=("reject", "largest"), default=d.multiple_faces,
-                   help="photos with several faces: reject, or frame the largest")
-    p.add_argument("--face-fraction", type=float, default=d.face_fraction,
-                   help="face height as a share of the crop height")
-    p.add_argument("--near-duplicate-bits", type=int, default=d.near_duplicate_bits,
-                   help="dHash distance of near duplicates (0: exact duplicates only)")
+    p.add_argument(
+        "--min-size", type=int, default=d.min_size, help="smallest accepted shorter side (px)"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=d.max_pixels, help="largest accepted pixel count"
+    )
+    p.add_argument(
+        "--no-face",
+        choices=("reject", "center"),
+        default=d.no_face,
+        help="photos without a face: reject, or centre-crop",
+    )
+    p.add_argument(
+        "--multiple-faces",
+        choices=("reject", "largest"),
+        default=d.multiple_faces,
+        help="photos with several faces: reject, or frame the largest",
+    )
+    p.add_argument(
+        "--face-fraction",
+        type=float,
+        default=d.face_fraction,
+        help="face height as a share of the crop height",
+    )
+    p.add_argument(
+        "--near-duplicate-bits",
+        type=int,
+        default=d.near_duplicate_bits,
+        help="dHash distance of near duplicates (0: exact duplicates only)",
+    )
     p.add_argument("--workers", type=int, default=d.workers, help="rows in flight (threads)")
     p.add_argument("--timeout", type=float, default=h.read_timeout, help="HTTP read timeout (s)")
-    p.add_argument("--retries", type=int, default=h.retries, help="HTTP retries after the first try")
-    p.add_argument("--max-mb", type=float, default=h.max_bytes / 2**20, help="largest download (MiB)")
+    p.add_argument(
+        "--retries", type=int, default=h.retries, help="HTTP retries after the first try"
+    )
+    p.add_argument(
+        "--max-mb", type=float, default=h.max_bytes / 2**20, help="largest download (MiB)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
 
@@ -69,7 +93,9 @@ def _add_optimize(dsub: Any) -> None:
     )
     p.add_argument("--src", required=True, help="dataset folder (images + metadata.jsonl)")
     p.add_argument("--out", required=True, help="empty output folder, or s3:// / gs:// URL")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share held out (as the DataModule)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share held out (as the DataModule)"
+    )
     p.add_argument("--max-val", type=int, default=8, help="at most this many held out")
     p.add_argument("--chunk-bytes", default="64MB", help="chunk size")
     p.add_argument("--workers", type=int, default=1, help="optimize worker processes")
@@ -103,7 +129,9 @@ def _prepare(args: argparse.Namespace) -> int:
     from cvgen.data.download import HttpConfig
     from cvgen.data.prepare import REJECTED_FILE, PrepareConfig, prepare
 
-    http = HttpConfig(read_timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 2**20))
+    http = HttpConfig(
+        read_timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 2**20)
+    )
     cfg = PrepareConfig(
         resolution=args.resolution,
         aspect=args.aspect,

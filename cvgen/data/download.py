@@ -48,7 +48,9 @@ def check_image_bytes(data: bytes, where: str) -> None:
     if not data:
         raise FetchError("empty_file", f"{where}: zero bytes")
     if sniff_image(data) is None:
-        raise FetchError("not_an_image", f"{where}: does not start like a JPEG/PNG/WebP/GIF/BMP/TIFF")
+        raise FetchError(
+            "not_an_image", f"{where}: does not start like a JPEG/PNG/WebP/GIF/BMP/TIFF"
+        )
 
 
 @dataclass
@@ -76,7 +78,9 @@ def make_client(cfg: HttpConfig, max_connections: int = 8) -> httpx.Client:
     """An httpx client (thread-safe) with ``cfg``'s timeouts and a bounded connection pool."""
     return httpx.Client(
         timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
         follow_redirects=True,
         headers={"User-Agent": cfg.user_agent, "Accept": "image/*"},
     )

@@ -53,7 +53,7 @@ class FaceDetector:
     ) -> None:
         import cv2
 
-        path = cascade if "/" in cascade else cv2.data.haarcascades + cascade
+        path = cascade if "/" in cascade else cv2.data.haarcascades + cascade  # type: ignore[attr-defined]
         if cv2.CascadeClassifier(path).empty():
             raise FileNotFoundError(f"{path}: not a readable OpenCV cascade")
         self.path = path
@@ -76,14 +76,21 @@ class FaceDetector:
         import cv2
 
         scale = min(1.0, self.max_side / max(img.size))
-        small = img if scale == 1.0 else img.resize(
-            (max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-            Image.Resampling.BILINEAR,
+        small = (
+            img
+            if scale == 1.0
+            else img.resize(
+                (max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                Image.Resampling.BILINEAR,
+            )
         )
         gray = cv2.equalizeHist(np.asarray(small.convert("L")))
         side = max(1, int(min(gray.shape) * self.min_face))
         found = self._classifier().detectMultiScale(
-            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(side, side)
+            gray,
+            scaleFactor=self.scale_factor,
+            minNeighbors=self.min_neighbors,
+            minSize=(side, side),
         )
         boxes = [
             Box(round(x / scale), round(y / scale), round(w / scale), round(h / scale))
@@ -97,11 +104,12 @@ def output_size(resolution: int, aspect: float, multiple: int = 8) -> tuple[int,
     ``aspect`` (width / height), both rounded to ``multiple``."""
     if aspect <= 0:
         raise ValueError(f"aspect must be positive, got {aspect}")
-    if aspect >= 1:
-        w, h = resolution, resolution / aspect
-    else:
-        w, h = resolution * aspect, resolution
-    return (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
+    w = float(resolution) if aspect >= 1 else resolution * aspect
+    h = float(resolution) if aspect < 1 else resolution / aspect
+    return (
+        max(multiple, round(w / multiple) * multiple),
+        max(multiple, round(h / multiple) * multiple),
+    )
 
 
 def head_and_shoulders(
@@ -133,4 +141,6 @@ def head_and_shoulders(
 def crop_to(img: Image.Image, box: Box, size: tuple[int, int]) -> Image.Image:
     """Crop ``box`` out of ``img`` and resize it to ``size`` (high-quality filter)."""
     right, bottom = min(img.width, box.x + box.w), min(img.height, box.y + box.h)
-    return img.resize(size, Image.Resampling.LANCZOS, box=(max(0, box.x), max(0, box.y), right, bottom))
+    return img.resize(
+        size, Image.Resampling.LANCZOS, box=(max(0, box.x), max(0, box.y), right, bottom)
+    )

@@ -40,7 +40,13 @@ from cvgen.data.faces import FaceDetector, crop_to, head_and_shoulders, output_s
 from cvgen.data.metadata import METADATA_FILE, DataError
 from cvgen.data.sources import Row, read_source
 from cvgen.fsutil import atomic_write_text
-from cvgen.images import MAX_IMAGE_PIXELS, ImageError, open_image, resize_and_crop, save_image_atomic
+from cvgen.images import (
+    MAX_IMAGE_PIXELS,
+    ImageError,
+    open_image,
+    resize_and_crop,
+    save_image_atomic,
+)
 
 REJECTED_FILE = "rejected.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -85,13 +91,23 @@ class PrepareConfig:
         if self.no_face not in ("reject", "center"):
             raise DataError(f"no_face must be reject or center, got {self.no_face!r}")
         if self.multiple_faces not in ("reject", "largest"):
-            raise DataError(f"multiple_faces must be reject or largest, got {self.multiple_faces!r}")
+            raise DataError(
+                f"multiple_faces must be reject or largest, got {self.multiple_faces!r}"
+            )
         if self.resolution < 8 or self.workers < 1 or self.aspect <= 0:
             raise DataError("resolution >= 8, workers >= 1 and aspect > 0 are required")
 
     def fingerprint(self) -> str:
         """The settings that change a crop (not timeouts or worker counts)."""
-        keys = ("resolution", "aspect", "no_face", "multiple_faces", "face_fraction", "quality", "cascade")
+        keys = (
+            "resolution",
+            "aspect",
+            "no_face",
+            "multiple_faces",
+            "face_fraction",
+            "quality",
+            "cascade",
+        )
         return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
 
 
@@ -145,7 +161,9 @@ def _load(row: Row, client: Any, cfg: PrepareConfig) -> bytes:
     try:
         size = path.stat().st_size
         if size > cfg.http.max_bytes:
-            raise Rejected("too_large", f"{path}: {size} bytes is over the {cfg.http.max_bytes} cap")
+            raise Rejected(
+                "too_large", f"{path}: {size} bytes is over the {cfg.http.max_bytes} cap"
+            )
         data = path.read_bytes()
     except FileNotFoundError as e:
         raise Rejected("missing_file", f"{row.where}: {path}: no such file") from e
@@ -173,7 +191,9 @@ def decode(data: bytes, where: str, cfg: PrepareConfig) -> Image.Image:
     if w * h > cfg.max_pixels:
         bomb = w * h > BOMB_PIXELS_PER_BYTE * len(data)
         reason = "decompression_bomb" if bomb else "too_large"
-        raise Rejected(reason, f"{where}: {w}x{h} from {len(data)} bytes (limit {cfg.max_pixels} pixels)")
+        raise Rejected(
+            reason, f"{where}: {w}x{h} from {len(data)} bytes (limit {cfg.max_pixels} pixels)"
+        )
     if min(w, h) < cfg.min_size:
         raise Rejected("too_small", f"{where}: {w}x{h} is under the {cfg.min_size}px minimum side")
     try:
@@ -224,13 +244,19 @@ def _previous(out: Path) -> dict[str, dict[str, Any]]:
                 obj = json.loads(raw)
             except json.JSONDecodeError:
                 continue
-            if isinstance(obj, dict) and "dhash" in obj and (out / str(obj.get("file_name"))).is_file():
+            if (
+                isinstance(obj, dict)
+                and "dhash" in obj
+                and (out / str(obj.get("file_name"))).is_file()
+            ):
                 rows[obj["file_name"]] = obj
     return rows
 
 
 def prepare(
-    src: str | os.PathLike[str], out: str | os.PathLike[str], cfg: PrepareConfig | None = None,
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    cfg: PrepareConfig | None = None,
     progress: bool = True,
 ) -> Summary:
     """Prepare the photos listed by ``src`` into the dataset folder ``out``; see the module
@@ -251,14 +277,22 @@ def prepare(
         if row.error:
             outcomes.append(Outcome(i, row, reason=row.error[0], detail=row.error[1]))
         elif name in names:
-            outcomes.append(Outcome(i, row, name, "duplicate", f"{row.where}: {row.src} is listed again"))
+            outcomes.append(
+                Outcome(i, row, name, "duplicate", f"{row.where}: {row.src} is listed again")
+            )
         elif name in previous:
             prev = previous[name]
-            outcomes.append(Outcome(i, row, name, sha256=prev["sha256"], dhash=int(prev["dhash"], 16), reused=True))
+            outcomes.append(
+                Outcome(
+                    i, row, name, sha256=prev["sha256"], dhash=int(prev["dhash"], 16), reused=True
+                )
+            )
         else:
             todo.append((i, row))
         names.add(name)
-    bar = tqdm(total=len(rows), desc="prepare", unit="photo", disable=not progress, initial=len(outcomes))
+    bar = tqdm(
+        total=len(rows), desc="prepare", unit="photo", disable=not progress, initial=len(outcomes)
+    )
     with make_client(cfg.http, cfg.workers) as client, ThreadPoolExecutor(cfg.workers) as pool:
         futures = [pool.submit(_work, i, row, out_path, cfg, client, detector) for i, row in todo]
         for fut in as_completed(futures):
@@ -284,7 +318,9 @@ def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
             else:
                 index.add(o.sha256, o.dhash, o.row.src)
         if o.reason:
-            rejected.append({"where": o.row.where, "source": o.row.src, "reason": o.reason, "detail": o.detail})
+            rejected.append(
+                {"where": o.row.where, "source": o.row.src, "reason": o.reason, "detail": o.detail}
+            )
             summary.rejected[o.reason] = summary.rejected.get(o.reason, 0) + 1
             continue
         row: dict[str, Any] = {"file_name": o.file_name, "text": o.row.caption}
@@ -301,7 +337,9 @@ def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
             f.unlink()
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in meta)
     atomic_write_text(out / METADATA_FILE, lines)
-    atomic_write_text(out / REJECTED_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+    atomic_write_text(
+        out / REJECTED_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
+    )
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
     if not meta:
         raise DataError(f"{out / REJECTED_FILE}: no photo passed the checks ({summary.rejected})")

@@ -49,9 +49,7 @@ def validate_caption(text: object, max_chars: int = MAX_CAPTION_CHARS) -> str:
     not a string, empty or only whitespace/control characters, or longer than ``max_chars``."""
     if not isinstance(text, str):
         raise ValueError(f"the caption must be a string, got {type(text).__name__}")
-    clean = " ".join(
-        "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text).split()
-    )
+    clean = " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in text).split())
     clean = unicodedata.normalize("NFC", clean)
     if not clean:
         raise ValueError("the caption is empty")
@@ -76,7 +74,9 @@ def _row(obj: dict[str, object], where: str, base: Path) -> Row:
         src = str(base / os.path.expanduser(src))
     split = obj.get("split")
     if split not in (None, "", *SPLITS):
-        return Row(where, src, "", error=("bad_row", f"{where}: split {split!r} is not one of {SPLITS}"))
+        return Row(
+            where, src, "", error=("bad_row", f"{where}: split {split!r} is not one of {SPLITS}")
+        )
     try:
         caption = validate_caption(_pick(obj, CAPTION_KEYS))
     except ValueError as e:
@@ -94,7 +94,9 @@ def _read_jsonl(path: Path) -> list[Row]:
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                rows.append(Row(where, "", "", error=("bad_row", f"{where}: not valid JSON ({e.msg})")))
+                rows.append(
+                    Row(where, "", "", error=("bad_row", f"{where}: not valid JSON ({e.msg})"))
+                )
                 continue
             if not isinstance(obj, dict):
                 rows.append(Row(where, "", "", error=("bad_row", f"{where}: not a JSON object")))
@@ -149,7 +151,9 @@ def read_source(src: str | os.PathLike[str]) -> list[Row]:
     elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         rows = _read_jsonl(path)
     else:
-        raise DataError(f"{path}: expected a .csv or .jsonl list of (url or path, caption), or a folder")
+        raise DataError(
+            f"{path}: expected a .csv or .jsonl list of (url or path, caption), or a folder"
+        )
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
