@@ -59,7 +59,7 @@ def find_data_version(root: str | os.PathLike[str]) -> DataVersion | None:
     (or a folder above it). Never raises: a missing version must not stop training."""
     if str(root).startswith(("s3://", "gs://")):
         return None
-    target = Path(root).resolve()
+    target = Path(os.path.abspath(root))
     for d in (target, *target.parents):
         candidates = sorted(d.glob("*.dvc")) + (
             [d / "dvc.lock"] if (d / "dvc.lock").is_file() else []
@@ -71,7 +71,7 @@ def find_data_version(root: str | os.PathLike[str]) -> DataVersion | None:
                 path, md5 = out.get("path"), out.get("md5")
                 if not isinstance(path, str) or not isinstance(md5, str):
                     continue
-                tracked = (d / path).resolve()
+                tracked = Path(os.path.abspath(d / path))
                 if target == tracked or tracked in target.parents:
                     return DataVersion(md5, label, str(tracked))
         if (d / ".dvc").is_dir() or (d / ".git").exists():
