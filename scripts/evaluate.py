@@ -111,7 +111,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", required=True, help="run folder (default_root_dir of the fit)")
     p.add_argument("--data", required=True, help="dataset folder the run trained on")
     p.add_argument("--base", required=True, help="base model (diffusers folder)")

@@ -22,7 +22,9 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows = []
     for i, (w, h) in enumerate(sizes):
         Image.new("RGB", (w, h), (i * 30 % 255, 80, 160)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"photo {i}, suit, smiling, studio, soft light"})
+        rows.append(
+            {"file_name": f"{i}.png", "text": f"photo {i}, suit, smiling, studio, soft light"}
+        )
     write_metadata(root, rows)
     return root
 

@@ -56,10 +56,17 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
@@ -122,7 +129,9 @@ def test_head_and_shoulders_keeps_aspect_and_stays_inside() -> None:
 # --- bad local files -------------------------------------------------------------------------
 
 
-def test_bad_files_are_rejected_with_their_reason(raw: Path, portrait: bytes, tmp_path: Path) -> None:
+def test_bad_files_are_rejected_with_their_reason(
+    raw: Path, portrait: bytes, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     good = open_image(raw / "images" / "collins-full.jpg")
@@ -184,14 +193,16 @@ def _side_by_side(raw: Path) -> Image.Image:
 def test_face_policies_are_configurable(raw: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    (src / "noface.jpg").write_bytes(jpeg(Image.linear_gradient("L").convert("RGB").resize((256, 256))))
+    (src / "noface.jpg").write_bytes(
+        jpeg(Image.linear_gradient("L").convert("RGB").resize((256, 256)))
+    )
     (src / "noface.txt").write_text("an empty studio")
     (src / "two.jpg").write_bytes(jpeg(_side_by_side(raw)))
     (src / "two.txt").write_text("two colleagues")
     cfg = PrepareConfig(**CFG, no_face="center", multiple_faces="largest")
     s = prepare(src, tmp_path / "out", cfg, progress=False)
     assert s.accepted == 2 and s.rejected == {}
-    with pytest.raises(DataError, match="rejected.jsonl"):
+    with pytest.raises(DataError, match=r"rejected\.jsonl"):
         prepare(src, tmp_path / "out2", PrepareConfig(**CFG), progress=False)
 
 
@@ -207,7 +218,10 @@ def test_rerun_skips_done_rows_and_prunes_dropped_ones(raw: Path, tmp_path: Path
     assert before == {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     # a source with one photo fewer: its crop goes away
     rows = [json.loads(x) for x in (raw / "metadata.jsonl").read_text().splitlines()]
-    listing = write_jsonl(tmp_path / "fewer.jsonl", [{"path": str(raw / r["file_name"]), "text": r["text"]} for r in rows[1:]])
+    listing = write_jsonl(
+        tmp_path / "fewer.jsonl",
+        [{"path": str(raw / r["file_name"]), "text": r["text"]} for r in rows[1:]],
+    )
     third = prepare(listing, out, cfg, progress=False)
     assert third.accepted == 7
     assert len(list((out / "images").iterdir())) == 7
@@ -217,7 +231,8 @@ def test_rerun_skips_done_rows_and_prunes_dropped_ones(raw: Path, tmp_path: Path
 def test_csv_source_and_header_errors(raw: Path, tmp_path: Path) -> None:
     csv_path = tmp_path / "list.csv"
     csv_path.write_text(
-        'url,caption\n"' + str(raw / "images" / "hopper-full.jpg") + '","a portrait, navy"\n', encoding="utf-8"
+        'url,caption\n"' + str(raw / "images" / "hopper-full.jpg") + '","a portrait, navy"\n',
+        encoding="utf-8",
     )
     s = prepare(csv_path, tmp_path / "out", PrepareConfig(**CFG), progress=False)
     assert s.accepted == 1
@@ -227,13 +242,31 @@ def test_csv_source_and_header_errors(raw: Path, tmp_path: Path) -> None:
         prepare(bad, tmp_path / "out2", PrepareConfig(**CFG), progress=False)
 
 
-def test_cli_prepare_prints_counts(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prepare_prints_counts(
+    raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from cvgen.cli import main
 
-    rc = main(["data", "prepare", "--src", str(raw), "--out", str(tmp_path / "o"), "--resolution", "64", "--min-size", "64", "--no-progress"])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--src",
+            str(raw),
+            "--out",
+            str(tmp_path / "o"),
+            "--resolution",
+            "64",
+            "--min-size",
+            "64",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert "8 of 8 photos kept" in capsys.readouterr().out
-    rc = main(["data", "prepare", "--src", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")])
+    rc = main(
+        ["data", "prepare", "--src", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]
+    )
     assert rc == 2
     assert "nope.csv: no such file" in capsys.readouterr().err
 
@@ -290,10 +323,14 @@ def server(portrait: bytes) -> Iterator[ThreadingHTTPServer]:
     srv.server_close()
 
 
-def test_urls_failures_are_reported_and_never_stop_the_others(server: ThreadingHTTPServer, tmp_path: Path) -> None:
+def test_urls_failures_are_reported_and_never_stop_the_others(
+    server: ThreadingHTTPServer, tmp_path: Path
+) -> None:
     base = f"http://127.0.0.1:{server.server_address[1]}"
     names = ["photo.jpg", "missing.jpg", "hang", "page.html", "fake.jpg", "huge.jpg", "flaky"]
-    listing = write_jsonl(tmp_path / "urls.jsonl", [{"url": f"{base}/{n}", "caption": f"portrait {n}"} for n in names])
+    listing = write_jsonl(
+        tmp_path / "urls.jsonl", [{"url": f"{base}/{n}", "caption": f"portrait {n}"} for n in names]
+    )
     size = len(server.photo)  # type: ignore[attr-defined]
     http = fast_http(read_timeout=0.5, retries=1, max_bytes=size * 4)
     cfg = PrepareConfig(**CFG, http=http, near_duplicate_bits=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -81,7 +82,9 @@ def test_validate_caption_limits() -> None:
     res=st.sampled_from([64, 256, 512, 1024]),
     step=st.sampled_from([8, 32, 64]),
 )
-def test_every_image_lands_in_exactly_one_bucket_with_bounded_error(w: int, h: int, res: int, step: int) -> None:
+def test_every_image_lands_in_exactly_one_bucket_with_bounded_error(
+    w: int, h: int, res: int, step: int
+) -> None:
     assume(res % step == 0)
     buckets = make_buckets(res, step)
     i = nearest_bucket(w, h, buckets)
@@ -94,7 +97,7 @@ def test_every_image_lands_in_exactly_one_bucket_with_bounded_error(w: int, h: i
     # inside the bucket range, the error is at most half the widest gap between neighbours
     logs = [math.log(b[0] / b[1]) for b in buckets]
     if logs[0] <= math.log(w / h) <= logs[-1]:
-        gap = max(b - a for a, b in zip(logs, logs[1:], strict=False)) if len(logs) > 1 else 0
+        gap = max(b - a for a, b in itertools.pairwise(logs)) if len(logs) > 1 else 0
         assert err <= gap / 2 + 1e-12
 
 
@@ -107,11 +110,17 @@ def test_buckets_are_distinct_and_sorted(res: int, step: int) -> None:
 
 
 @given(
-    text=st.lists(st.text(alphabet="abcdefgh ", min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=8),
+    text=st.lists(
+        st.text(alphabet="abcdefgh ", min_size=1, max_size=8).filter(str.strip),
+        min_size=1,
+        max_size=8,
+    ),
     seed=st.integers(0, 10_000),
     keep=st.integers(0, 3),
 )
-def test_caption_shuffle_keeps_the_tags_and_the_first_ones(text: list[str], seed: int, keep: int) -> None:
+def test_caption_shuffle_keeps_the_tags_and_the_first_ones(
+    text: list[str], seed: int, keep: int
+) -> None:
     import random
 
     caption = ", ".join(t.strip() for t in text)
@@ -157,7 +166,9 @@ def test_dhash_near_duplicates_are_close_and_indexed(seed: int, quality: int, sc
     base.resize((round(192 * scale),) * 2).save(buf, format="JPEG", quality=quality)
     copy = Image.open(io.BytesIO(buf.getvalue()))
     assert hamming(dhash(base), dhash(copy)) <= 6
-    other = Image.fromarray((np.random.default_rng(seed + 1).random((24, 24, 3)) * 255).astype("uint8")).resize((192, 192))
+    other = Image.fromarray(
+        (np.random.default_rng(seed + 1).random((24, 24, 3)) * 255).astype("uint8")
+    ).resize((192, 192))
     idx = DuplicateIndex(6)
     idx.add("sha-a", dhash(base), "a")
     assert idx.check("sha-b", dhash(copy)) == ("near_duplicate", "a")

@@ -44,7 +44,9 @@ def run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 120) -> 
     return res.stdout
 
 
-def test_dvc_round_trip_through_a_local_remote(sample_data: Path, tmp_path: Path, env: dict[str, str]) -> None:
+def test_dvc_round_trip_through_a_local_remote(
+    sample_data: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
     repo, remote, clone = tmp_path / "repo", tmp_path / "remote", tmp_path / "clone"
     repo.mkdir()
     run(["git", "init", "-q"], repo, env)
@@ -65,10 +67,17 @@ def test_dvc_round_trip_through_a_local_remote(sample_data: Path, tmp_path: Path
     run(["dvc", "pull", "-q"], clone, env)
     cmp = filecmp.dircmp(repo / "data" / "portraits", clone / "data" / "portraits")
     assert not cmp.left_only and not cmp.right_only
-    names = [p.relative_to(repo / "data" / "portraits") for p in (repo / "data" / "portraits").rglob("*") if p.is_file()]
+    names = [
+        p.relative_to(repo / "data" / "portraits")
+        for p in (repo / "data" / "portraits").rglob("*")
+        if p.is_file()
+    ]
     assert len(names) == 9  # 8 photos + metadata.jsonl
     match, mismatch, errors = filecmp.cmpfiles(
-        repo / "data" / "portraits", clone / "data" / "portraits", [str(n) for n in names], shallow=False
+        repo / "data" / "portraits",
+        clone / "data" / "portraits",
+        [str(n) for n in names],
+        shallow=False,
     )
     assert (len(match), mismatch, errors) == (9, [], [])
     cloned = find_data_version(clone / "data" / "portraits")
@@ -113,7 +122,7 @@ def test_dvc_repro_end_to_end(repo_root: Path, tmp_path: Path, env: dict[str, st
     run(["dvc", "repro", "--force"], clone, env, timeout=1200)
     metrics = json.loads((clone / "eval" / "metrics.json").read_text())
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
-    prepared = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"][0]
+    prepared = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
     assert metrics["data_version"] == prepared["md5"]
     assert metrics["held_out_images"] == 2 and metrics["val_loss"] > 0
     lora_info = json.loads((clone / "runs" / "dvc" / "lora" / "cvgen_lora.json").read_text())

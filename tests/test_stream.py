@@ -9,7 +9,12 @@ import torch
 
 from cvgen.data.datamodule import PortraitDataModule, split_records
 from cvgen.data.metadata import DataError, read_metadata
-from cvgen.data.stream import StreamingPortraitDataset, is_stream_root, optimize_dataset, stream_dirs
+from cvgen.data.stream import (
+    StreamingPortraitDataset,
+    is_stream_root,
+    optimize_dataset,
+    stream_dirs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,10 @@ def test_round_trip_gives_back_every_photo_and_caption(sample_data: Path, chunks
     items = [ds[i] for i in range(len(ds))]
     assert sorted(it["text"] for it in items) == sorted(r.text for r in train)
     assert all(it["pixel_values"].shape == (3, 48, 48) for it in items)
-    assert all(-1 <= float(it["pixel_values"].min()) and float(it["pixel_values"].max()) <= 1 for it in items)
+    assert all(
+        float(it["pixel_values"].min()) >= -1 and float(it["pixel_values"].max()) <= 1
+        for it in items
+    )
     # the stored bytes are the file's own bytes (no re-encoding)
     raw = super(StreamingPortraitDataset, ds).__getitem__(0)
     by_line = {r.line: r for r in train}
@@ -45,7 +53,12 @@ def test_round_trip_gives_back_every_photo_and_caption(sample_data: Path, chunks
 
 def test_datamodule_streams_a_chunk_dir(chunks: Path) -> None:
     dm = PortraitDataModule(
-        root=str(chunks), resolution=32, batch_size=2, num_workers=0, caption_dropout=1.0, pin_memory=False
+        root=str(chunks),
+        resolution=32,
+        batch_size=2,
+        num_workers=0,
+        caption_dropout=1.0,
+        pin_memory=False,
     )
     dm.setup("fit")
     assert dm.streaming and dm.data_version is None
@@ -56,7 +69,9 @@ def test_datamodule_streams_a_chunk_dir(chunks: Path) -> None:
     seen = torch.cat([b["index"] for b in batches]).tolist()
     assert sorted(seen) == list(range(6))
     loader = dm.train_dataloader()
-    assert hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")  # Lightning saves it
+    assert hasattr(loader, "state_dict") and hasattr(
+        loader, "load_state_dict"
+    )  # Lightning saves it
     val = list(dm.val_dataloader())
     assert sum(len(b["text"]) for b in val) == 2
     assert dm.val_set is not None and len(dm.val_set) == 2  # what the sample-image callback reads
@@ -64,7 +79,10 @@ def test_datamodule_streams_a_chunk_dir(chunks: Path) -> None:
 
 def test_stream_roots_and_errors(sample_data: Path, chunks: Path, tmp_path: Path) -> None:
     assert is_stream_root("s3://bucket/portraits") and is_stream_root("gs://bucket/portraits")
-    assert stream_dirs("s3://bucket/portraits/") == ("s3://bucket/portraits/train", "s3://bucket/portraits/validation")
+    assert stream_dirs("s3://bucket/portraits/") == (
+        "s3://bucket/portraits/train",
+        "s3://bucket/portraits/validation",
+    )
     assert is_stream_root(chunks) and is_stream_root(chunks / "train")
     assert stream_dirs(str(chunks / "train")) == (str(chunks / "train"), None)
     assert not is_stream_root(sample_data)
@@ -72,10 +90,26 @@ def test_stream_roots_and_errors(sample_data: Path, chunks: Path, tmp_path: Path
         optimize_dataset(sample_data, str(chunks))
 
 
-def test_cli_optimize(sample_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_optimize(
+    sample_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from cvgen.cli import main
 
     out = tmp_path / "c"
-    assert main(["data", "optimize", "--src", str(sample_data), "--out", str(out), "--val-fraction", "0"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "optimize",
+                "--src",
+                str(sample_data),
+                "--out",
+                str(out),
+                "--val-fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "train 8 items" in capsys.readouterr().out
     assert (out / "train" / "index.json").is_file() and not (out / "validation").exists()
