@@ -1,18 +1,22 @@
-"""The LightningDataModule: captioned portraits from a folder, with a held-out split."""
+"""The LightningDataModule: captioned portraits from a folder (or streamed litdata chunks,
+local or s3:// / gs://), with a held-out split and the DVC version of the data."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cvgen.data.buckets import make_buckets, nearest_bucket
 from cvgen.data.dataset import PortraitDataset, collate, image_size
 from cvgen.data.metadata import DataError, Record, read_metadata
 from cvgen.data.sampler import BucketBatchSampler, ResumableDataLoader
+from cvgen.data.stream import StreamingPortraitDataset, is_stream_root, stream_dirs
+from cvgen.data.version import find_data_version
 
 
 def split_records(
@@ -42,11 +46,27 @@ def split_records(
     return train, val
 
 
+class _Empty(Dataset):
+    """No items: the validation loader of a stream without validation chunks."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, index: int) -> Any:
+        raise IndexError(index)
+
+
 class PortraitDataModule(pl.LightningDataModule):
-    """Captioned portraits from a dataset folder (images + ``metadata.jsonl``).
+    """Captioned portraits from a dataset folder (images + ``metadata.jsonl``), or streamed
+    from litdata chunks (``cvgen data optimize``) with the same code for a local chunk folder
+    and an s3:// or gs:// URL.
+
+    After ``setup`` the ``data_version`` attribute holds the DVC md5 of the dataset (from the
+    ``.dvc`` file or ``dvc.lock`` entry tracking ``root``; ``None`` when untracked); it is
+    logged with the run's hyperparameters and recorded in every exported LoRA.
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder, a chunk folder, or an s3:// / gs:// URL of chunks.
         resolution: training size in pixels (the side of a square bucket).
         batch_size: images per batch and per device.
         val_batch_size: images per validation batch (default: ``batch_size``).
@@ -64,6 +84,12 @@ class PortraitDataModule(pl.LightningDataModule):
         keep_tokens: tags at the start of a caption that shuffling keeps in place.
         pin_memory: pinned host memory for faster copies to the GPU.
         persistent_workers: keep worker processes alive between epochs.
+        cache_dir: where streamed chunks are cached (default: litdata's cache folder).
+        max_cache_size: cache budget for streamed chunks (e.g. ``"50GB"``; default: litdata's).
+
+    Streaming crops every image square (``bucketing`` is ignored) and shuffles chunks and
+    items with ``seed``; litdata shards them across ranks and workers, and its
+    ``StreamingDataLoader`` keeps its position in checkpoints.
     """
 
     def __init__(
@@ -86,6 +112,8 @@ class PortraitDataModule(pl.LightningDataModule):
         keep_tokens: int = 1,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        cache_dir: str | None = None,
+        max_cache_size: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -99,6 +127,11 @@ class PortraitDataModule(pl.LightningDataModule):
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
         self._train_loader: ResumableDataLoader | None = None
+        self.streaming = False
+        self.stream_train: StreamingPortraitDataset | None = None
+        self.stream_val: StreamingPortraitDataset | None = None
+        self.data_version: str | None = None
+        self.data_version_info: dict[str, str] | None = None
 
     def _sizes(self, records: list[Record]) -> tuple[list[tuple[int, int]], list[int]]:
         hp = self.hparams
@@ -115,7 +148,11 @@ class PortraitDataModule(pl.LightningDataModule):
         return [buckets[i] for i in ids], ids
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or self.stream_train is not None:
+            return
+        self._set_data_version()
+        if is_stream_root(self.root):
+            self._setup_stream()
             return
         if not os.path.isdir(self.root):
             raise DataError(f"{self.root}: dataset folder does not exist")
@@ -137,6 +174,62 @@ class PortraitDataModule(pl.LightningDataModule):
         val_sizes = [(self.resolution, self.resolution)] * len(self.val_records)
         self.val_set = PortraitDataset(self.val_records, val_sizes, seed=hp.seed)
 
+    def _set_data_version(self) -> None:
+        """Find the DVC version of ``root`` and log it with the run's hyperparameters."""
+        version = find_data_version(self.root)
+        self.data_version = version.md5 if version else None
+        self.data_version_info = version.as_dict() if version else None
+        self.hparams["data_version"] = self.data_version
+        self.hparams["data_version_source"] = version.source if version else None
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return
+        for logger in trainer.loggers:
+            try:
+                logger.log_hyperparams(
+                    {"data_version": self.data_version, "data_version_info": self.data_version_info}
+                )
+            except Exception as e:  # logging the version must never stop training
+                print(f"cvgen: could not log the data version to {type(logger).__name__}: {e}")
+
+    def _setup_stream(self) -> None:
+        hp: Any = self.hparams
+        if hp.bucketing:
+            warnings.warn(
+                "bucketing is off when streaming: images are cropped square", stacklevel=2
+            )
+        train_dir, val_dir = stream_dirs(self.root)
+        common = {
+            "resolution": self.resolution,
+            "seed": hp.seed,
+            "cache_dir": hp.get("cache_dir"),
+            "max_cache_size": hp.get("max_cache_size"),
+        }
+        self.stream_train = StreamingPortraitDataset(
+            train_dir,
+            shuffle=True,
+            caption_dropout=hp.caption_dropout,
+            shuffle_captions=hp.shuffle_captions,
+            keep_tokens=hp.keep_tokens,
+            random_flip=hp.random_flip,
+            **common,
+        )
+        self.streaming = True
+        if val_dir is not None:
+            try:
+                self.stream_val = StreamingPortraitDataset(val_dir, shuffle=False, **common)
+            except (FileNotFoundError, ValueError, OSError) as e:  # a URL without validation/
+                warnings.warn(f"{val_dir}: no validation chunks ({e})", stacklevel=2)
+        # the sample-image callback reads ``val_set``
+        self.val_set = self.stream_val  # type: ignore[assignment]
+
+    def _stream_loader(self, dataset: Any, batch_size: int, drop_last: bool) -> DataLoader:
+        from litdata import StreamingDataLoader
+
+        return StreamingDataLoader(
+            dataset, batch_size=batch_size, drop_last=drop_last, **self._loader_kwargs()
+        )
+
     def _loader_kwargs(self) -> dict[str, Any]:
         workers = self.num_workers
         return {
@@ -151,6 +244,8 @@ class PortraitDataModule(pl.LightningDataModule):
         return bool(trainer is not None and trainer.root_device.type == "cuda")
 
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            return self._stream_loader(self.stream_train, self.batch_size, drop_last=True)
         assert self.train_set is not None, "call setup() first"
         trainer = getattr(self, "trainer", None)
         rank = trainer.global_rank if trainer is not None else 0
@@ -173,6 +268,10 @@ class PortraitDataModule(pl.LightningDataModule):
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
+        if self.streaming:
+            if self.stream_val is None:
+                return DataLoader(_Empty(), batch_size=1)
+            return self._stream_loader(self.stream_val, self.val_batch_size, drop_last=False)
         assert self.val_set is not None, "call setup() first"
         return DataLoader(
             self.val_set, batch_size=self.val_batch_size, shuffle=False, **self._loader_kwargs()

@@ -1,0 +1,133 @@
+"""DVC: a round trip through a local remote, the repo's own DVC files, and (slow) `dvc repro`."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cvgen.data.version import find_data_version
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    home = tmp_path / "home"
+    home.mkdir()
+    e.update(
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"),
+        DVC_GLOBAL_CONFIG_DIR=str(home / "dvc-global"),
+        DVC_SYSTEM_CONFIG_DIR=str(home / "dvc-system"),
+        HOME=str(home),
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        GIT_CONFIG_NOSYSTEM="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return e
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 120) -> str:
+    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else args
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(args)}\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+def test_dvc_round_trip_through_a_local_remote(
+    sample_data: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    repo, remote, clone = tmp_path / "repo", tmp_path / "remote", tmp_path / "clone"
+    repo.mkdir()
+    run(["git", "init", "-q"], repo, env)
+    run(["dvc", "init", "-q"], repo, env)
+    run(["dvc", "remote", "add", "-d", "local", str(remote)], repo, env)
+    shutil.copytree(sample_data, repo / "data" / "portraits")
+    run(["dvc", "add", "-q", "data/portraits"], repo, env)
+    run(["dvc", "push", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "data"], repo, env)
+
+    md5 = yaml.safe_load((repo / "data" / "portraits.dvc").read_text())["outs"][0]["md5"]
+    v = find_data_version(repo / "data" / "portraits")
+    assert v is not None and v.md5 == md5
+
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    assert not (clone / "data" / "portraits").exists()  # git holds the pointer, not the photos
+    run(["dvc", "pull", "-q"], clone, env)
+    cmp = filecmp.dircmp(repo / "data" / "portraits", clone / "data" / "portraits")
+    assert not cmp.left_only and not cmp.right_only
+    names = [
+        p.relative_to(repo / "data" / "portraits")
+        for p in (repo / "data" / "portraits").rglob("*")
+        if p.is_file()
+    ]
+    assert len(names) == 9  # 8 photos + metadata.jsonl
+    match, mismatch, errors = filecmp.cmpfiles(
+        repo / "data" / "portraits",
+        clone / "data" / "portraits",
+        [str(n) for n in names],
+        shallow=False,
+    )
+    assert (len(match), mismatch, errors) == (9, [], [])
+    cloned = find_data_version(clone / "data" / "portraits")
+    assert cloned is not None and cloned.md5 == md5
+
+
+def test_repo_dvc_files(repo_root: Path) -> None:
+    data_dvc = yaml.safe_load((repo_root / "data.dvc").read_text())
+    [out] = data_dvc["outs"]
+    assert out["path"] == "data/portraits" and out["md5"].endswith(".dir")
+    config = (repo_root / ".dvc" / "config").read_text()
+    assert "remote = local" in config and "url = ../.dvc-remote" in config  # offline default
+    pipeline = yaml.safe_load((repo_root / "dvc.yaml").read_text())
+    stages = pipeline["stages"]
+    assert list(stages) == ["sample", "model", "prepare", "fit", "evaluate"]
+    assert "${fit.config}" in stages["fit"]["deps"] and "data/prepared" in stages["fit"]["deps"]
+    assert "cvgen data prepare" in stages["prepare"]["cmd"]
+    assert any("eval/metrics.json" in m for m in stages["evaluate"]["metrics"])
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert (repo_root / params["fit"]["config"]).is_file()
+    # the committed pipeline prepared exactly the data that data.dvc tracks (same md5)
+    lock = yaml.safe_load((repo_root / "dvc.lock").read_text())
+    prepared = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"]
+    assert prepared[0]["md5"] == out["md5"]
+    metrics = json.loads((repo_root / "eval" / "metrics.json").read_text())
+    assert metrics["data_version"] == out["md5"] and metrics["val_loss"] > 0
+
+
+def test_dvc_understands_the_pipeline(repo_root: Path, env: dict[str, str]) -> None:
+    listed = run(["dvc", "stage", "list"], repo_root, env)
+    for name in ("sample", "model", "prepare", "fit", "evaluate"):
+        assert name in listed
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo_root, env))
+    assert "val_loss" in json.dumps(shown)
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(repo_root: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """`dvc repro` in a fresh clone of the committed repo: sample -> prepare -> fit -> evaluate."""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo_root), str(clone)], tmp_path, env)
+    run(["dvc", "repro", "--force"], clone, env, timeout=1200)
+    metrics = json.loads((clone / "eval" / "metrics.json").read_text())
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    prepared = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    assert metrics["data_version"] == prepared["md5"]
+    assert metrics["held_out_images"] == 2 and metrics["val_loss"] > 0
+    lora_info = json.loads((clone / "runs" / "dvc" / "lora" / "cvgen_lora.json").read_text())
+    assert lora_info["data_version"] == prepared["md5"]
+    data_dvc = yaml.safe_load((clone / "data.dvc").read_text())
+    assert data_dvc["outs"][0]["md5"] == prepared["md5"]  # prepare is reproducible
+    shown = run(["dvc", "plots", "show", "--json"], clone, env)
+    assert "train_loss" in shown
