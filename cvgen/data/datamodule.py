@@ -133,8 +133,13 @@ class PortraitDataModule(pl.LightningDataModule):
         self.data_version: str | None = None
         self.data_version_info: dict[str, str] | None = None
 
+    @property
+    def hp(self) -> Any:
+        """The hyperparameters (typed loosely: they come from YAML)."""
+        return self.hparams
+
     def _sizes(self, records: list[Record]) -> tuple[list[tuple[int, int]], list[int]]:
-        hp = self.hparams
+        hp: Any = self.hparams
         if not hp.bucketing:
             return [(self.resolution, self.resolution)] * len(records), [0] * len(records)
         buckets = make_buckets(self.resolution, hp.bucket_step, hp.min_aspect, hp.max_aspect)
@@ -158,9 +163,9 @@ class PortraitDataModule(pl.LightningDataModule):
             raise DataError(f"{self.root}: dataset folder does not exist")
         records = read_metadata(self.root)
         self.train_records, self.val_records = split_records(
-            records, self.hparams.val_fraction, self.hparams.max_val
+            records, self.hp.val_fraction, self.hp.max_val
         )
-        hp = self.hparams
+        hp: Any = self.hparams
         sizes, self._train_buckets = self._sizes(self.train_records)
         self.train_set = PortraitDataset(
             self.train_records,
@@ -235,8 +240,8 @@ class PortraitDataModule(pl.LightningDataModule):
         return {
             "num_workers": workers,
             "collate_fn": collate,
-            "pin_memory": bool(self.hparams.pin_memory) and self._on_cuda(),
-            "persistent_workers": bool(self.hparams.persistent_workers) and workers > 0,
+            "pin_memory": bool(self.hp.pin_memory) and self._on_cuda(),
+            "persistent_workers": bool(self.hp.persistent_workers) and workers > 0,
         }
 
     def _on_cuda(self) -> bool:
@@ -253,7 +258,7 @@ class PortraitDataModule(pl.LightningDataModule):
         sampler = BucketBatchSampler(
             self._train_buckets,
             self.batch_size,
-            seed=self.hparams.seed,
+            seed=self.hp.seed,
             rank=rank,
             world_size=world,
         )

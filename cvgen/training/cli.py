@@ -97,10 +97,12 @@ class CVGenCLI(LightningCLI):
         root = Path(trainer.get("default_root_dir") or os.getcwd())
         root.mkdir(parents=True, exist_ok=True)
         logger = trainer.get("logger")
-        if logger is not None and not isinstance(logger, bool | list):
-            class_path = str(logger.get("class_path", ""))
+        for lg in logger if isinstance(logger, list) else [logger]:
+            if lg is None or isinstance(lg, bool):
+                continue
+            class_path = str(lg.get("class_path", ""))
             if class_path.endswith("WandbLogger"):
-                init = logger["init_args"]
+                init = lg["init_args"]
                 if init.get("save_dir") in (None, "", "."):
                     init["save_dir"] = str(root)
                 configure_wandb_env(root, bool(init.get("offline")))
