@@ -56,7 +56,9 @@ def test_fit_writes_lora_samples_checkpoints_and_offline_wandb(demo_run: Path, c
     runs = list((demo_run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     wandb_file = next(runs[0].glob("run-*.wandb"))
-    assert wandb_file.stat().st_size > 0
+    logged = wandb_file.read_bytes()
+    assert b"train/loss" in logged and b"samples" in logged
+    assert b"cvgen-lora" in logged, "the LoRA artifact was not logged"
     assert (demo_run / "config.yaml").is_file()
 
 
@@ -132,6 +134,8 @@ def test_validate_test_and_predict_subcommands(
         args = fit_args(tiny_model, sample_data, demo_run / cmd, 1, "--trainer.logger", "false")
         args[0] = cmd
         assert main([*args, "--ckpt_path", ckpt]) == 0, cmd
+    written = sorted((demo_run / "predict" / "predictions").glob("heldout_*.png"))
+    assert len(written) == 2  # the two held-out photos, generated through the LoRA
 
 
 def test_bad_dataset_is_a_cli_error_naming_file_and_line(

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cvgen import lora as lora_lib
@@ -22,14 +22,22 @@ class LoRAExport(Callback):
         dirpath: output folder (the CLI sets ``<default_root_dir>/lora``).
         every_n_train_steps: also export every N optimizer steps (0: only at validation/end).
         kohya: write the kohya-format file for AUTOMATIC1111 / ComfyUI beside the diffusers one.
+        wandb_artifact: at the end, log the LoRA folder to W&B as an artifact of type ``lora``
+            with this name (aliases ``latest`` and ``step-N``), which ``cvgen serve --lora
+            wandb://entity/project/<name>:latest`` loads; null: no artifact.
     """
 
     def __init__(
-        self, dirpath: str | None = None, every_n_train_steps: int = 0, kohya: bool = True
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int = 0,
+        kohya: bool = True,
+        wandb_artifact: str | None = "cvgen-lora",
     ) -> None:
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.kohya = kohya
+        self.wandb_artifact = wandb_artifact
         self.last_export: Path | None = None
 
     def _dir(self, trainer: pl.Trainer) -> Path:
@@ -63,7 +71,29 @@ class LoRAExport(Callback):
             self.export(trainer, module)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.export(trainer, module)
+        path = self.export(trainer, module)
+        if path is not None and self.wandb_artifact:
+            self._log_artifact(trainer, path.parent)
+
+    @rank_zero_only
+    def _log_artifact(self, trainer: pl.Trainer, folder: Path) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ != "WandbLogger":
+                continue
+            try:
+                import wandb
+
+                artifact = wandb.Artifact(
+                    self.wandb_artifact or "cvgen-lora",
+                    type="lora",
+                    metadata={"global_step": trainer.global_step},
+                )
+                artifact.add_dir(str(folder))
+                logger.experiment.log_artifact(  # type: ignore[attr-defined]
+                    artifact, aliases=["latest", f"step-{trainer.global_step}"]
+                )
+            except Exception as e:  # the LoRA is on disk: a failed upload must not fail the run
+                rank_zero_info(f"cvgen: could not log the LoRA artifact to W&B: {e}")
 
 
 class SampleImages(Callback):
@@ -199,6 +229,43 @@ class SampleImages(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         self.sample(trainer, module)
+
+
+class SavePredictions(BasePredictionWriter):
+    """Saves what ``cvgen predict`` generates (img2img of the held-out photos) as PNGs.
+
+    Args:
+        dirpath: output folder (the CLI sets ``<default_root_dir>/predictions``).
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.dirpath = dirpath
+        self.written: list[Path] = []
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        from cvgen.images import save_image_atomic
+
+        folder = Path(self.dirpath or os.path.join(trainer.default_root_dir, "predictions"))
+        indices = batch["index"].tolist() if isinstance(batch, dict) else range(len(prediction))
+        for image, index in zip(prediction, indices, strict=False):
+            rank = trainer.global_rank
+            self.written.append(
+                save_image_atomic(image, folder / f"heldout_{index:05d}_r{rank}.png")
+            )
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.written:
+            rank_zero_info(f"cvgen: wrote {len(self.written)} images to {self.written[0].parent}")
 
 
 def summary_lines(trainer: pl.Trainer) -> list[str]:

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cvgen.data.datamodule import PortraitDataModule
-from cvgen.training.callbacks import LoRAExport, SampleImages, print_summary
+from cvgen.training.callbacks import LoRAExport, SampleImages, SavePredictions, print_summary
 from cvgen.training.module import LoRADiffusion
 
 
@@ -82,10 +82,12 @@ class CVGenCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.add_lightning_class_args(SampleImages, "samples")
+        parser.add_lightning_class_args(SavePredictions, "predictions")
         for key, name in (
             ("checkpoint", "checkpoints"),
             ("export", "lora"),
             ("samples", "samples"),
+            ("predictions", "predictions"),
         ):
             parser.link_arguments(
                 "trainer.default_root_dir", f"{key}.dirpath", compute_fn=_under_root(name)
