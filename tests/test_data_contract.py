@@ -95,3 +95,18 @@ def test_datamodule_batches(tmp_path: Path) -> None:
     assert len(batch["text"]) == 2
     val = next(iter(dm.val_dataloader()))
     assert val["pixel_values"].shape[1:] == (3, 32, 32)
+
+
+def test_loader_options_follow_the_device(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    names = [f"{i}.jpg" for i in range(4)]
+    root = make_set(tmp_path / "set", [{"file_name": n, "text": "x"} for n in names], tuple(names))
+    dm = PortraitDataModule(
+        str(root), resolution=32, batch_size=1, num_workers=1, pin_memory=True, val_fraction=0.25
+    )
+    dm.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.pin_memory is False  # pinning only helps copies to a GPU
+    assert loader.persistent_workers is True and loader.num_workers == 1

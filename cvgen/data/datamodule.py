@@ -246,7 +246,7 @@ class PortraitDataModule(pl.LightningDataModule):
 
     def _on_cuda(self) -> bool:
         trainer = getattr(self, "trainer", None)
-        return bool(trainer is not None and trainer.root_device.type == "cuda")
+        return bool(trainer is not None and trainer.strategy.root_device.type == "cuda")
 
     def train_dataloader(self) -> DataLoader:
         if self.streaming:

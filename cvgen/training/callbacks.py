@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -268,10 +269,74 @@ class SavePredictions(BasePredictionWriter):
             rank_zero_info(f"cvgen: wrote {len(self.written)} images to {self.written[0].parent}")
 
 
+class StepStats(Callback):
+    """Measures training speed and memory: step time, images/s and peak GPU memory, logged
+    every step (after ``warmup_steps``) and summarised at the end of ``fit``.
+
+    Args:
+        warmup_steps: steps left out of the figures (compilation, cudnn autotuning, caches).
+    """
+
+    def __init__(self, warmup_steps: int = 3) -> None:
+        self.warmup_steps = warmup_steps
+        self.step_times: list[float] = []
+        self.images = 0
+        self._t0: float | None = None
+        self.peak_memory_gb: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._t0 is None:
+            return
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+            self.peak_memory_gb = torch.cuda.max_memory_allocated(module.device) / 2**30
+        elapsed = time.perf_counter() - self._t0
+        if trainer.global_step <= self.warmup_steps:
+            return
+        key = "pixel_values" if "pixel_values" in batch else "latents"
+        n = int(batch[key].shape[0]) * trainer.world_size
+        self.step_times.append(elapsed)
+        self.images += n
+        metrics = {"perf/step_time_s": elapsed, "perf/images_per_s": n / elapsed}
+        if self.peak_memory_gb is not None:
+            metrics["perf/peak_memory_gb"] = self.peak_memory_gb
+        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
+
+    def summary(self) -> str | None:
+        if not self.step_times:
+            return None
+        times = sorted(self.step_times)
+        median = times[len(times) // 2]
+        rate = self.images / sum(self.step_times)
+        text = (
+            f"  speed: median step {median * 1000:.1f} ms, {rate:.2f} images/s "
+            f"over {len(times)} steps"
+        )
+        if self.peak_memory_gb is not None:
+            text += f", peak GPU memory {self.peak_memory_gb:.2f} GiB"
+        return text
+
+
 def summary_lines(trainer: pl.Trainer) -> list[str]:
     """Where a finished run put its outputs."""
     lines = [f"cvgen: trained {trainer.global_step} steps"]
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, StepStats) and (speed := cb.summary()):
+            lines.append(speed)
         if isinstance(cb, LoRAExport) and cb.last_export is not None:
             lines.append(f"  LoRA (diffusers): {cb.last_export.resolve()}")
             kohya = cb.last_export.resolve().parent / lora_lib.KOHYA_WEIGHT_NAME

@@ -12,7 +12,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from cvgen.data.datamodule import PortraitDataModule
-from cvgen.training.callbacks import LoRAExport, SampleImages, SavePredictions, print_summary
+from cvgen.training.callbacks import (
+    LoRAExport,
+    SampleImages,
+    SavePredictions,
+    StepStats,
+    print_summary,
+)
 from cvgen.training.module import LoRADiffusion
 
 
@@ -83,6 +89,7 @@ class CVGenCLI(LightningCLI):
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.add_lightning_class_args(SavePredictions, "predictions")
+        parser.add_lightning_class_args(StepStats, "stats")
         for key, name in (
             ("checkpoint", "checkpoints"),
             ("export", "lora"),
