@@ -151,3 +151,50 @@ def test_bad_dataset_is_a_cli_error_naming_file_and_line(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "metadata.jsonl:2" in err and "caption" in err
+
+
+def test_gpu_config_runs_on_cpu_with_overrides(
+    tiny_model: Path, sample_data: Path, tmp_path: Path
+) -> None:
+    """configs/lora.yaml end to end (workers, bucketing, cosine schedule, min-SNR, offset
+    noise, baseline samples), with only the device, model, size and length overridden."""
+    lora_yaml = str(Path(DEMO).with_name("lora.yaml"))
+    args = [
+        "fit",
+        "--config",
+        lora_yaml,
+        "--model.base",
+        str(tiny_model),
+        "--data.root",
+        str(sample_data),
+        "--data.resolution",
+        "64",
+        "--data.bucket_step",
+        "16",
+        "--data.batch_size",
+        "2",
+        "--data.num_workers",
+        "1",
+        "--data.val_fraction",
+        "0.25",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.offline",
+        "true",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--samples.num_inference_steps",
+        "4",
+    ]
+    assert main(args) == 0
+    assert (tmp_path / "samples" / "step_000000.png").is_file()  # at_start baseline
+    assert (tmp_path / "samples" / "step_000003.png").is_file()
+    assert (tmp_path / "lora" / DIFFUSERS_WEIGHT_NAME).is_file()
