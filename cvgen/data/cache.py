@@ -179,7 +179,7 @@ def _encode_all(
     plain.caption_dropout = 0.0
     plain.shuffle_captions = False
     vae = module.vae
-    by_size: dict[tuple[int, int], list[int]] = {}
+    by_size: dict[tuple[int, ...], list[int]] = {}
     for i, size in enumerate(dataset.sizes):
         by_size.setdefault(tuple(size), []).append(i)
     latents: dict[str, torch.Tensor] = {}
@@ -198,11 +198,12 @@ def _encode_all(
     captions: list[str] = []
     text: dict[str, torch.Tensor] = {}
     if plan.text:
-        captions = sorted({r.text for r in dataset.records} | ({""} if plan.empty_caption else set()))
+        captions = sorted(
+            {r.text for r in dataset.records} | ({""} if plan.empty_caption else set())
+        )
         for start in range(0, len(captions), batch_size):
-            chunk = captions[start : start + batch_size]
-            hidden = module.encode_text(chunk)
-            for j, c in enumerate(chunk):
+            hidden = module.encode_text(captions[start : start + batch_size])
+            for j in range(hidden.shape[0]):
                 text[f"text.{start + j}"] = hidden[j].float().cpu().contiguous()
     return latents, text, captions
 

@@ -191,19 +191,20 @@ class PortraitDataModule(pl.LightningDataModule):
 
         assert self.train_set is not None
         kwargs = self._loader_kwargs()
-        trainer = getattr(self, "_trainer", None) or getattr(self, "trainer", None)
+        hp: Any = self.hparams
+        trainer: Any = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
-        if not self.hparams.cache_latents:
+        if not hp.cache_latents:
             self.cache_status = "off: data.cache_latents is false"
             return self.train_set, kwargs
         if module is None or not hasattr(module, "vae"):
             self.cache_status = "off: no model attached"
             return self.train_set, kwargs
         plan = cache_lib.plan_cache(self.train_set, module.te_spec is not None)
-        root = self.hparams.cache_dir or os.path.join(trainer.default_root_dir, "latent_cache")
+        root = hp.cache_dir or os.path.join(trainer.default_root_dir, "latent_cache")
         if trainer.is_global_zero:
             self.latent_cache = cache_lib.build_or_load(
-                module, self.train_set, root, self.resolution, plan, self.hparams.cache_batch_size
+                module, self.train_set, root, self.resolution, plan, hp.cache_batch_size
             )
         trainer.strategy.barrier("cvgen_latent_cache")
         if not trainer.is_global_zero:

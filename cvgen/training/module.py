@@ -263,9 +263,9 @@ class LoRADiffusion(pl.LightningModule):
         ``generator``: the same draw whether the distribution was just encoded or cached."""
         mean = mean.to(self.device, self.vae.dtype)
         std = std.to(self.device, self.vae.dtype)
-        latents = mean + std * torch.randn(
-            mean.shape, generator=generator, dtype=torch.float32
-        ).to(mean.device, mean.dtype)
+        latents = mean + std * torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(
+            mean.device, mean.dtype
+        )
         return latents * self.vae.config.scaling_factor
 
     def diffusion_step(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
