@@ -84,12 +84,20 @@ class PortraitDataModule(pl.LightningDataModule):
         keep_tokens: tags at the start of a caption that shuffling keeps in place.
         pin_memory: pinned host memory for faster copies to the GPU.
         persistent_workers: keep worker processes alive between epochs.
-        cache_dir: where streamed chunks are cached (default: litdata's cache folder).
-        max_cache_size: cache budget for streamed chunks (e.g. ``"50GB"``; default: litdata's).
+        cache_latents: encode the training set once with the frozen VAE (and text encoder)
+            and train from the stored latent distributions (see :mod:`cvgen.data.cache`);
+            parts the augmentations rule out are left out, with a log line saying why.
+        cache_dir: where latent caches are kept (default: ``<default_root_dir>/latent_cache``);
+            share one folder between runs to reuse caches.
+        cache_batch_size: images per VAE call while building the cache.
+        stream_cache_dir: where streamed chunks are cached (default: litdata's cache folder).
+        stream_max_cache_size: cache budget for streamed chunks (e.g. ``"50GB"``; default:
+            litdata's).
 
     Streaming crops every image square (``bucketing`` is ignored) and shuffles chunks and
     items with ``seed``; litdata shards them across ranks and workers, and its
-    ``StreamingDataLoader`` keeps its position in checkpoints.
+    ``StreamingDataLoader`` keeps its position in checkpoints. The latent cache applies to
+    folders only.
     """
 
     def __init__(
@@ -112,8 +120,11 @@ class PortraitDataModule(pl.LightningDataModule):
         keep_tokens: int = 1,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        cache_latents: bool = True,
         cache_dir: str | None = None,
-        max_cache_size: str | None = None,
+        cache_batch_size: int = 8,
+        stream_cache_dir: str | None = None,
+        stream_max_cache_size: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -132,6 +143,8 @@ class PortraitDataModule(pl.LightningDataModule):
         self.stream_val: StreamingPortraitDataset | None = None
         self.data_version: str | None = None
         self.data_version_info: dict[str, str] | None = None
+        self.latent_cache: Any = None  # cvgen.data.cache.LatentCache when training from one
+        self.cache_status = "off"
 
     @property
     def hp(self) -> Any:
@@ -207,8 +220,8 @@ class PortraitDataModule(pl.LightningDataModule):
         common = {
             "resolution": self.resolution,
             "seed": hp.seed,
-            "cache_dir": hp.get("cache_dir"),
-            "max_cache_size": hp.get("max_cache_size"),
+            "cache_dir": hp.get("stream_cache_dir"),
+            "max_cache_size": hp.get("stream_max_cache_size"),
         }
         self.stream_train = StreamingPortraitDataset(
             train_dir,
@@ -267,10 +280,47 @@ class PortraitDataModule(pl.LightningDataModule):
                 f"{self.root}: {len(self.train_set)} training images make no full batch of "
                 f"{self.batch_size} per device (x{world} devices)"
             )
-        self._train_loader = ResumableDataLoader(
-            self.train_set, batch_sampler=sampler, **self._loader_kwargs()
-        )
+        dataset, kwargs = self._cached_train_set()
+        self._train_loader = ResumableDataLoader(dataset, batch_sampler=sampler, **kwargs)
         return self._train_loader
+
+    def _cached_train_set(self) -> tuple[Any, dict[str, Any]]:
+        """The training dataset and loader arguments: from the latent cache when it is on and
+        a model is attached, else the images (see :mod:`cvgen.data.cache`)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from cvgen.data import cache as cache_lib
+
+        assert self.train_set is not None
+        kwargs = self._loader_kwargs()
+        hp: Any = self.hparams
+        trainer: Any = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        if not hp.cache_latents:
+            self.cache_status = "off: data.cache_latents is false"
+            return self.train_set, kwargs
+        if module is None or not hasattr(module, "vae"):
+            self.cache_status = "off: no model attached"
+            return self.train_set, kwargs
+        plan = cache_lib.plan_cache(self.train_set, module.te_spec is not None)
+        root = hp.cache_dir or os.path.join(trainer.default_root_dir, "latent_cache")
+        if trainer.is_global_zero:
+            self.latent_cache = cache_lib.build_or_load(
+                module, self.train_set, root, self.resolution, plan, hp.cache_batch_size
+            )
+        trainer.strategy.barrier("cvgen_latent_cache")
+        if not trainer.is_global_zero:
+            self.latent_cache = cache_lib.build_or_load(
+                module, self.train_set, root, self.resolution, plan, write=False
+            )
+        parts = "latents" + (" + text embeddings" if plan.text else "")
+        self.cache_status = f"on: {parts}" + (
+            f"; text not cached: {'; '.join(plan.reasons)}" if plan.reasons else ""
+        )
+        rank_zero_info(f"cvgen: latent cache {self.cache_status}")
+        # no decoding left to do: items are tensor look-ups, cheaper in-process than over IPC
+        kwargs.update(collate_fn=cache_lib.collate_cached, num_workers=0, persistent_workers=False)
+        return cache_lib.CachedLatentDataset(self.train_set, self.latent_cache), kwargs
 
     def val_dataloader(self) -> DataLoader:
         if self.streaming:

@@ -62,6 +62,14 @@ class ServeConfig:
     url_max_bytes: int = 10_000_000
     url_max_redirects: int = 3
     url_allowlist: list[str] = field(default_factory=list)
+    # speed levers (see cvgen.perf)
+    channels_last: bool = False
+    compile_unet: bool = False
+    compile_mode: str = "default"
+    attention: str = "sdpa"
+    allow_tf32: bool = True
+    flush_denormal: bool = True
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         self.check()
@@ -93,6 +101,12 @@ class ServeConfig:
         need(self.url_timeout > 0, "url_timeout", "> 0")
         need(self.url_max_bytes > 0, "url_max_bytes", "> 0")
         need(self.url_max_redirects >= 0, "url_max_redirects", ">= 0")
+        need(self.attention in ("sdpa", "default"), "attention", "sdpa or default")
+        need(
+            self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
+            "compile_mode",
+            "default, reduce-overhead or max-autotune",
+        )
         for net in self.url_allowlist:
             try:
                 ipaddress.ip_network(net, strict=False)

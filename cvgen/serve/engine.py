@@ -111,7 +111,60 @@ class Img2ImgEngine:
             dev,
             time.perf_counter() - t0,
         )
-        return cls(pipe, cfg, dev)
+        engine = cls(pipe, cfg, dev)
+        engine.apply_levers()
+        if cfg.warmup:
+            engine.warmup()
+        return engine
+
+    def apply_levers(self) -> list[str]:
+        """The speed levers of the config (attention, channels_last, compile, TF32)."""
+        from cvgen import perf
+
+        perf.set_tf32(self.cfg.allow_tf32)
+        if self.device == "cpu":
+            perf.set_flush_denormal(self.cfg.flush_denormal)
+        done = perf.apply_unet_levers(
+            self.pipe.unet,
+            attention=self.cfg.attention,
+            channels_last=self.cfg.channels_last,
+            compile_unet=self.cfg.compile_unet,
+            compile_mode=self.cfg.compile_mode,
+            others=(self.pipe.vae,),
+        )
+        log.info("speed levers: %s, tf32=%s", ", ".join(done) or "none", self.cfg.allow_tf32)
+        return done
+
+    def warmup_batch_sizes(self) -> list[int]:
+        """Batch sizes run at start-up: 1 and the largest (and, compiled, the ones between
+        that batching can form, so no request pays for a recompile)."""
+        top = self.cfg.max_batch_size
+        if self.cfg.compile_unet:
+            return list(range(1, top + 1))
+        return sorted({1, top})
+
+    def warmup(self) -> float:
+        """Run the default request at each warm-up batch size (compiles the UNet, fills the
+        allocator and kernel caches); returns the seconds it took."""
+        from cvgen.serve.schema import GenParams
+
+        t0 = time.perf_counter()
+        size = self.resolution
+        image = Image.new("RGB", (size, size), (128, 110, 100))
+        params = GenParams(
+            prompt="warm-up",
+            negative_prompt=self.cfg.default_negative_prompt,
+            strength=self.cfg.default_strength,
+            steps=self.cfg.default_steps,
+            guidance_scale=self.cfg.default_guidance_scale,
+            seed=0,
+            lora_scale=self.cfg.lora_scale,
+        )
+        for n in self.warmup_batch_sizes():
+            self.generate([GenRequest(image, params)] * n)
+        seconds = time.perf_counter() - t0
+        log.info("warm-up: batch sizes %s in %.1f s", self.warmup_batch_sizes(), seconds)
+        return seconds
 
     @property
     def resolution(self) -> int:

@@ -21,6 +21,14 @@ PRECISION_DTYPES = {
 }
 
 
+def batch_size_of(batch: dict[str, Any]) -> int:
+    """Images in a batch of pixels, cached latent distributions or precomputed latents."""
+    for key in ("pixel_values", "latent_mean", "latents"):
+        if key in batch:
+            return int(batch[key].shape[0])
+    return len(batch["text"])
+
+
 class LoRADiffusion(pl.LightningModule):
     """Fine-tunes Stable Diffusion with LoRA adapters; the base model never changes.
 
@@ -51,6 +59,13 @@ class LoRADiffusion(pl.LightningModule):
         vae_fp32: keep the VAE in fp32 under fp16 mixed precision (avoids NaN latents).
         seed: seeds the noise and timesteps of each step (with the global step), so a
             resumed run draws exactly what an uninterrupted one would.
+        attention: ``sdpa`` (fused kernels) or ``default`` (diffusers' reference processor).
+        channels_last: NHWC memory format for the UNet and VAE convolutions.
+        compile_unet: ``torch.compile`` the UNet in place (first steps are slower).
+        compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``,
+            ``max-autotune``).
+        allow_tf32: TF32 matmuls/convolutions on CUDA (Ampere and newer); no effect on CPU.
+        flush_denormal: flush denormal floats to zero on the CPU (often 10x faster there).
     """
 
     def __init__(
@@ -78,6 +93,12 @@ class LoRADiffusion(pl.LightningModule):
         gradient_checkpointing: bool = False,
         vae_fp32: bool = True,
         seed: int = 0,
+        attention: str = "sdpa",
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        compile_mode: str | None = None,
+        allow_tf32: bool = True,
+        flush_denormal: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +188,30 @@ class LoRADiffusion(pl.LightningModule):
                 model.to(dtype=dtype)
         lora_lib.cast_lora_to_fp32(self.unet, self.text_encoder)
         self._set_modes()
+        self._apply_perf_levers()
+
+    def _apply_perf_levers(self) -> None:
+        """The speed levers of the hyperparameters (once; see :mod:`cvgen.perf`)."""
+        if getattr(self, "_levers_applied", False):
+            return
+        from cvgen import perf
+
+        hp = self.hp
+        perf.set_tf32(bool(hp.allow_tf32))
+        perf.set_flush_denormal(bool(hp.flush_denormal))  # CPU-side only
+        done = perf.apply_unet_levers(
+            self.unet,
+            attention=hp.attention,
+            channels_last=hp.channels_last,
+            compile_unet=hp.compile_unet,
+            compile_mode=hp.compile_mode,
+            others=(self.vae,),
+        )
+        self._levers_applied = True
+        rank_zero_info(
+            f"cvgen: speed levers: {', '.join(done) or 'none'}, tf32={hp.allow_tf32}, "
+            f"flush_denormal={hp.flush_denormal}"
+        )
 
     def _set_modes(self) -> None:
         """Frozen parts in eval mode; adapted ones in train mode (so LoRA dropout works)."""
@@ -215,13 +260,24 @@ class LoRADiffusion(pl.LightningModule):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         dist = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
-        latents = dist.mean + dist.std * torch.randn(
-            dist.mean.shape, generator=generator, dtype=torch.float32
-        ).to(dist.mean.device, dist.mean.dtype)
+        return self.sample_latents(dist.mean, dist.std, generator)
+
+    def sample_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Scaled latents ``(mean + std * noise) * scaling_factor`` with noise drawn from
+        ``generator``: the same draw whether the distribution was just encoded or cached."""
+        mean = mean.to(self.device, self.vae.dtype)
+        std = std.to(self.device, self.vae.dtype)
+        latents = mean + std * torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(
+            mean.device, mean.dtype
+        )
         return latents * self.vae.config.scaling_factor
 
     def diffusion_step(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        if "latents" in batch:  # precomputed by the latent cache
+        if "latent_mean" in batch:  # a cached latent distribution (cvgen.data.cache)
+            latents = self.sample_latents(batch["latent_mean"], batch["latent_std"], generator)
+        elif "latents" in batch:  # precomputed latents
             latents = batch["latents"].to(self.device, self.weight_dtype)
         else:
             latents = self.encode_images(batch["pixel_values"], generator)
@@ -249,7 +305,7 @@ class LoRADiffusion(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch, self._generator(self.global_step))
-        bs = batch["pixel_values" if "pixel_values" in batch else "latents"].shape[0]
+        bs = batch_size_of(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if self._trainer is not None:
             for i, group in enumerate(self.trainer.optimizers[0].param_groups):
@@ -259,13 +315,13 @@ class LoRADiffusion(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # fixed noise and timesteps: the validation loss is comparable across steps
         loss = self.diffusion_step(batch, self._generator(-1 - batch_idx))
-        bs = batch["pixel_values" if "pixel_values" in batch else "latents"].shape[0]
+        bs = batch_size_of(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         return loss
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch, self._generator(-1 - batch_idx))
-        bs = batch["pixel_values" if "pixel_values" in batch else "latents"].shape[0]
+        bs = batch_size_of(batch)
         self.log("test/loss", loss, batch_size=bs, sync_dist=True)
         return loss
 

@@ -1,0 +1,85 @@
+"""Model-level speed levers, shared by training and serving.
+
+Each lever is a plain function on diffusers / torch objects, switched from YAML:
+
+- ``attention``: ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``: flash /
+  memory-efficient kernels on CUDA) or ``default`` (diffusers' explicit ``AttnProcessor``:
+  the reference math, and what ``torch.utils.flop_counter`` counts exactly).
+- ``channels_last``: NHWC memory format for the convolutions (faster on tensor cores).
+- ``compile_unet``: ``torch.compile`` of the UNet in place (``nn.Module.compile``), so
+  parameter names, checkpoints and LoRA export are unchanged.
+- ``allow_tf32``: TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU).
+- ``flush_denormal``: flush denormal floats to zero on the CPU. Denormals are common in
+  (random or small) diffusion weights and activations and cost 10x or more per operation on
+  x86: the tiny UNet's forward drops from about 2.4 s to 0.23 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+ATTENTION = ("sdpa", "default")
+
+
+def set_attention(model: Any, kind: str) -> None:
+    """Use SDPA (``sdpa``) or the explicit reference processor (``default``) in ``model``."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if kind not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {kind!r}")
+    model.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+
+def set_channels_last(*models: torch.nn.Module) -> None:
+    """NHWC memory format for every 4-D parameter and buffer of ``models``."""
+    for m in models:
+        m.to(memory_format=torch.channels_last)
+
+
+def compile_module(model: torch.nn.Module, mode: str | None = None) -> None:
+    """``torch.compile`` ``model`` in place (compilation happens on its first call)."""
+    kwargs: dict[str, Any] = {"mode": mode} if mode and mode != "default" else {}
+    model.compile(**kwargs)
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether :func:`compile_module` was applied to ``model``."""
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions (global; no effect on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def set_flush_denormal(enabled: bool) -> bool:
+    """Flush denormal floats to zero on the CPU (process-wide for threads started later);
+    returns whether the CPU supports it."""
+    return bool(torch.set_flush_denormal(enabled))
+
+
+def apply_unet_levers(
+    unet: Any,
+    attention: str | None = None,
+    channels_last: bool = False,
+    compile_unet: bool = False,
+    compile_mode: str | None = None,
+    others: tuple[torch.nn.Module, ...] = (),
+) -> list[str]:
+    """Apply the UNet levers (``others`` also get ``channels_last``); returns what was done."""
+    done = []
+    if attention is not None:
+        set_attention(unet, attention)
+        done.append(f"attention={attention}")
+    if channels_last:
+        set_channels_last(unet, *others)
+        done.append("channels_last")
+    if compile_unet:
+        compile_module(unet, compile_mode)
+        done.append(f"compile_unet({compile_mode or 'default'})")
+    return done

@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Serving: end-to-end HTTP latency of ``cvgen serve`` against the bare diffusers pipeline call
+on the same model (the overhead ratio), and throughput against concurrency and
+``max_batch_size``.
+
+The server is the real one: ``cvgen serve`` started as a subprocess on 127.0.0.1 with a
+generated config, polled on ``/health``, sent a bounded number of multipart requests, then
+stopped with SIGTERM. Figures go to stdout and optionally to a JSON file.
+
+    python scripts/bench_serve.py                                  # tiny model, CPU
+    python scripts/bench_serve.py --arch sd15 --device cuda --dtype bfloat16 --compile \\
+        --channels-last                                            # SD 1.5 architecture, GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import machine, prepare_model
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def photo_bytes(size: int) -> bytes:
+    from PIL import Image
+
+    from cvgen.data.sample import sample_sources
+    from cvgen.images import open_image, resize_and_crop
+
+    img = resize_and_crop(open_image(sample_sources()["hopper"]), size, size)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    assert isinstance(img, Image.Image)
+    return buf.getvalue()
+
+
+def bare_latency(args: argparse.Namespace, model: Path, n: int) -> list[float]:
+    """Seconds per bare ``pipe(...)`` call (batch 1), the way the server calls it."""
+    import torch
+    from PIL import Image
+
+    from cvgen import perf
+    from cvgen.pipeline import load_img2img
+    from cvgen.serve.engine import model_resolution
+
+    pipe = load_img2img(model, device=args.device, dtype=args.dtype)
+    perf.apply_unet_levers(
+        pipe.unet,
+        attention="sdpa",
+        channels_last=args.channels_last,
+        compile_unet=args.compile,
+        others=(pipe.vae,),
+    )
+    if args.device == "cpu":
+        perf.set_flush_denormal(True)  # as the server does: same compute on both sides
+    size = model_resolution(str(model))
+    image = Image.open(io.BytesIO(photo_bytes(size))).convert("RGB")
+
+    def call() -> None:
+        pipe(
+            prompt=["a professional headshot"],
+            negative_prompt=[""],
+            image=[image],
+            strength=args.strength,
+            num_inference_steps=args.steps,
+            guidance_scale=7.0,
+            generator=[torch.Generator().manual_seed(0)],
+            output_type="pil",
+        )
+
+    for _ in range(2 if not args.compile else 3):
+        call()  # warm-up (and compile)
+    out = []
+    for _ in range(n):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+class Server:
+    """``cvgen serve`` in a subprocess (its own session), stopped with SIGTERM."""
+
+    def __init__(self, args: argparse.Namespace, model: Path, batch: int, workdir: Path):
+        self.port = free_port()
+        cfg = {
+            "base": str(model),
+            "host": "127.0.0.1",
+            "port": self.port,
+            "device": args.device,
+            "dtype": args.dtype,
+            "max_batch_size": batch,
+            "batch_timeout": args.batch_timeout,
+            "log_level": "warning",
+            "default_steps": args.steps,
+            "default_strength": args.strength,
+            "compile_unet": args.compile,
+            "channels_last": args.channels_last,
+            "warmup": True,
+            "queue_timeout": 600,
+        }
+        path = workdir / f"serve-{batch}.yaml"
+        path.write_text(json.dumps(cfg))  # JSON is YAML
+        self.log = open(workdir / f"serve-{batch}.log", "w")  # noqa: SIM115
+        env = {**os.environ, "CVGEN_API_KEY": ""}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cvgen.cli", "serve", "--config", str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float) -> float:
+        import httpx
+
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}: see {self.log.name}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - t0
+            time.sleep(0.25)
+        raise TimeoutError(f"server not ready after {timeout} s: see {self.log.name}")
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+def post(client: Any, url: str, photo: bytes, seed: int) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    r = client.post(
+        url + "/predict",
+        files={"image": ("photo.jpg", photo, "image/jpeg")},
+        data={"prompt": "a professional headshot", "seed": str(seed)},
+        timeout=600,
+    )
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+    return time.perf_counter() - t0, int(r.headers.get("x-batch-size", "1"))
+
+
+def throughput(url: str, photo: bytes, concurrency: int, n: int) -> dict[str, float]:
+    import httpx
+
+    with httpx.Client() as client, ThreadPoolExecutor(concurrency) as pool:
+        t0 = time.perf_counter()
+        results = list(pool.map(lambda i: post(client, url, photo, i), range(n)))
+        wall = time.perf_counter() - t0
+    lat = [r[0] for r in results]
+    return {
+        "concurrency": concurrency,
+        "requests": n,
+        "images_per_s": n / wall,
+        "p50_s": statistics.median(lat),
+        "p95_s": pct(lat, 0.95),
+        "mean_batch": statistics.mean(r[1] for r in results),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", choices=("tiny", "mid", "sd15"), default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--strength", type=float, default=0.6)
+    p.add_argument("--latency-requests", type=int, default=12)
+    p.add_argument("--batch-sizes", default="1,2,4,8")
+    p.add_argument("--concurrency", default="1,8", help="levels (each max_batch_size too)")
+    p.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x level")
+    p.add_argument("--batch-timeout", type=float, default=0.05)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--workdir", default="/tmp/cvgen-bench")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    model = prepare_model(args.arch, workdir)
+    from cvgen.serve.engine import model_resolution
+
+    photo = photo_bytes(model_resolution(str(model)))
+
+    bare = bare_latency(args, model, args.latency_requests)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "args": vars(args),
+        "bare": {"p50_s": statistics.median(bare), "p95_s": pct(bare, 0.95)},
+        "servers": [],
+    }
+    import httpx
+
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        server = Server(args, model, batch, workdir)
+        try:
+            ready = server.wait_ready(args.ready_timeout)
+            entry: dict[str, Any] = {"max_batch_size": batch, "ready_s": ready, "levels": []}
+            if batch == 1:
+                with httpx.Client() as client:
+                    post(client, server.url, photo, 0)
+                    lat = [
+                        post(client, server.url, photo, i)[0] for i in range(args.latency_requests)
+                    ]
+                entry["latency"] = {"p50_s": statistics.median(lat), "p95_s": pct(lat, 0.95)}
+                result["overhead"] = entry["latency"]["p50_s"] / result["bare"]["p50_s"] - 1
+            levels = sorted({int(c) for c in args.concurrency.split(",")} | {batch})
+            for c in levels:
+                entry["levels"].append(throughput(server.url, photo, c, args.rounds * c))
+            result["servers"].append(entry)
+        finally:
+            server.stop()
+
+    print(
+        f"\ncvgen bench_serve  {result['date']}  {result['machine']}\n"
+        f"arch={args.arch} device={args.device} dtype={args.dtype} steps={args.steps} "
+        f"strength={args.strength} (img2img runs {int(args.steps * args.strength)} steps) "
+        f"compile={args.compile} channels_last={args.channels_last}"
+    )
+    b = result["bare"]
+    print(
+        f"bare pipeline, batch 1:  p50 {1000 * b['p50_s']:.1f} ms  p95 {1000 * b['p95_s']:.1f} ms"
+    )
+    first = next((s for s in result["servers"] if "latency" in s), None)
+    if first:
+        la = first["latency"]
+        print(
+            f"HTTP, max_batch_size 1: p50 {1000 * la['p50_s']:.1f} ms  p95 {1000 * la['p95_s']:.1f} "
+            f"ms  overhead {100 * result['overhead']:+.1f}% of the bare call"
+        )
+    print(
+        f"{'max_batch':>9}{'conc':>6}{'req':>5}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'batch':>7}"
+    )
+    for s in result["servers"]:
+        for lv in s["levels"]:
+            print(
+                f"{s['max_batch_size']:>9}{lv['concurrency']:>6}{lv['requests']:>5}"
+                f"{lv['images_per_s']:>8.2f}{1000 * lv['p50_s']:>9.0f}{1000 * lv['p95_s']:>9.0f}"
+                f"{lv['mean_batch']:>7.2f}"
+            )
+    by = {
+        (s["max_batch_size"], lv["concurrency"]): lv["images_per_s"]
+        for s in result["servers"]
+        for lv in s["levels"]
+    }
+    top = max((k for k in by if k[1] == 8), default=None)
+    if (1, 8) in by and top and top[0] > 1:
+        result["batching_gain"] = by[top] / by[(1, 8)]
+        print(f"ratio: 8 concurrent, max_batch_size {top[0]} vs 1: {result['batching_gain']:.2f}x")
+    print(f"(total {time.perf_counter() - t_start:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

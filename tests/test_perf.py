@@ -1,0 +1,143 @@
+"""Speed levers switch on from YAML / config, in training and in serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from cvgen import perf
+from cvgen.data.datamodule import PortraitDataModule
+from cvgen.serve.config import ServeConfig, load_config
+from cvgen.training.cli import CVGenCLI
+from cvgen.training.module import LoRADiffusion
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def restore_tf32():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    torch.set_flush_denormal(False)
+
+
+def conv_weight(model: torch.nn.Module) -> torch.Tensor:
+    return next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def processors(model: Any) -> set[str]:
+    return {type(p).__name__ for p in model.attn_processors.values()}
+
+
+def test_training_levers_switch_on_from_yaml(
+    tiny_model: Path, sample_data: Path, tmp_path: Path, restore_tf32
+) -> None:
+    cli = CVGenCLI(
+        LoRADiffusion,
+        PortraitDataModule,
+        run=False,
+        seed_everything_default=0,
+        args=[
+            *("--config", str(ROOT / "configs" / "demo.yaml")),
+            *("--model.base", str(tiny_model), "--data.root", str(sample_data)),
+            *("--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"),
+            *("--model.channels_last", "true", "--model.compile_unet", "true"),
+            *("--model.attention", "default", "--model.allow_tf32", "false"),
+        ],
+    )
+    model = cli.model
+    assert not perf.is_compiled(model.unet)
+    model.setup("fit")
+    assert perf.is_compiled(model.unet)  # compiled lazily, on the first call
+    assert conv_weight(model.unet).is_contiguous(memory_format=torch.channels_last)
+    assert conv_weight(model.vae).is_contiguous(memory_format=torch.channels_last)
+    assert processors(model.unet) == {"AttnProcessor"}
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.tensor(1e-40).item() == 0.0  # flush_denormal is on by default
+    # parameter names (checkpoints, LoRA export) are unchanged by compiling in place
+    assert all("_orig_mod" not in n for n, _ in model.unet.named_parameters())
+
+
+def test_training_defaults_use_sdpa_and_no_compile(tiny_model: Path, restore_tf32) -> None:
+    model = LoRADiffusion(base=str(tiny_model))
+    model.setup("fit")
+    assert processors(model.unet) == {"AttnProcessor2_0"}
+    assert not perf.is_compiled(model.unet)
+    assert not conv_weight(model.unet).is_contiguous(memory_format=torch.channels_last)
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+
+
+def test_attention_kinds_give_the_same_output(tiny_model: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        perf.set_attention(unet, "default")
+        ref = unet(x, 10, cond).sample
+        perf.set_attention(unet, "sdpa")
+        torch.testing.assert_close(unet(x, 10, cond).sample, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        perf.set_attention(unet, "xformers")
+
+
+def test_serve_yaml_levers_parse_and_are_checked() -> None:
+    cfg = load_config(ROOT / "configs" / "serve.yaml")
+    raw = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    keys = ("channels_last", "compile_unet", "compile_mode", "attention", "flush_denormal")
+    for key in (*keys, "warmup"):
+        assert getattr(cfg, key) == raw[key], key
+    from cvgen.errors import CVGenError
+
+    with pytest.raises(CVGenError, match="compile_mode"):
+        ServeConfig(compile_mode="fastest")
+
+
+class RecordingPipe:
+    """Wraps a pipeline and records the batch size of each call."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kw: Any) -> Any:
+        self.calls.append(len(kw["prompt"]))
+        return self.pipe(**kw)
+
+
+def test_serve_levers_and_warmup(tiny_model: Path, restore_tf32) -> None:
+    from cvgen.pipeline import load_img2img
+    from cvgen.serve.engine import Img2ImgEngine
+
+    cfg = ServeConfig(
+        base=str(tiny_model),
+        device="cpu",
+        max_batch_size=3,
+        default_steps=4,
+        channels_last=True,
+        compile_unet=True,
+        attention="default",
+        allow_tf32=False,
+    )
+    pipe = RecordingPipe(load_img2img(tiny_model, device="cpu", dtype="float32"))
+    engine = Img2ImgEngine(pipe, cfg, "cpu")
+    done = engine.apply_levers()
+    assert done == ["attention=default", "channels_last", "compile_unet(default)"]
+    assert perf.is_compiled(pipe.unet) and processors(pipe.unet) == {"AttnProcessor"}
+    assert conv_weight(pipe.unet).is_contiguous(memory_format=torch.channels_last)
+    # compiled: every batch size batching can form is warmed up, so none recompiles later
+    assert engine.warmup_batch_sizes() == [1, 2, 3]
+    cfg.compile_unet = False
+    pipe.pipe.unet._compiled_call_impl = None  # run eagerly here: compiling takes minutes on CPU
+    assert engine.warmup_batch_sizes() == [1, 3]
+    engine.warmup()
+    assert pipe.calls == [1, 3]
