@@ -9,7 +9,7 @@ PY := $(BIN)/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve data/portraits repro data-push
+.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve data/portraits repro data-push bench bench-mid bench-gpu gpu-train-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_/.-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -69,6 +69,19 @@ test-slow: $(VENV)/.installed ## run the slow tests too
 
 test-gpu: $(VENV)/.installed ## run the GPU tests (need CUDA)
 	$(BIN)/pytest -q -m gpu
+
+bench: $(VENV)/.installed ## CPU benchmarks: training and serving (tiny); figures to stdout + benchmarks/*.json
+	$(PY) scripts/bench_train.py --flops --fresh-cache --json benchmarks/train-cpu-tiny.json
+	$(PY) scripts/bench_serve.py --json benchmarks/serve-cpu-tiny.json
+
+bench-mid: $(VENV)/.installed ## CPU training benchmark on the mid-size UNet (about 5 min)
+	$(PY) scripts/bench_train.py --arch mid --steps 4 --warmup 1 --flops --fresh-cache --json benchmarks/train-cpu-mid.json
+
+bench-gpu: $(VENV)/.installed ## every GPU measurement (SD 1.5 arch, 512 px, bf16), under 8 min
+	PY=$(PY) scripts/bench_gpu.sh
+
+gpu-train-check: $(VENV)/.installed ## `cvgen fit` with configs/lora.yaml on a random SD 1.5 model: step time, peak memory
+	BIN=$(BIN) scripts/gpu_train_check.sh
 
 lint: $(VENV)/.installed ## ruff check + format check
 	$(BIN)/ruff check .

@@ -63,6 +63,20 @@ def run_tool(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    from cvgen.perf import flush_denormal_enabled
+
+    # the flush-denormal speed lever is process-global CPU state: give it back as found,
+    # so calling main() in-process (tests, notebooks) leaves the caller's floats alone
+    flushing = flush_denormal_enabled()
+    try:
+        return _main(args, argv is None)
+    finally:
+        import torch
+
+        torch.set_flush_denormal(flushing)
+
+
+def _main(args: list[str], from_sys_argv: bool) -> int:
     try:
         if not args or args[0] in ("-h", "--help"):
             print(USAGE)
@@ -80,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from cvgen.training.cli import run_cli
 
-        run_cli(None if argv is None else args)
+        run_cli(None if from_sys_argv else args)
         return 0
     except CVGenError as e:
         print(f"cvgen: error: {e}", file=sys.stderr)

@@ -57,6 +57,11 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def flush_denormal_enabled() -> bool:
+    """Whether this thread flushes denormals now (probed: torch has no getter)."""
+    return torch.tensor(1e-40, dtype=torch.float32).mul(1.0).item() == 0.0
+
+
 def set_flush_denormal(enabled: bool) -> bool:
     """Flush denormal floats to zero on the CPU (process-wide for threads started later);
     returns whether the CPU supports it."""

@@ -18,6 +18,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+_FLUSH_AT_START = torch.tensor(1e-40, dtype=torch.float32).mul(1.0).item() == 0.0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,3 +57,11 @@ def tiny_pipeline(tiny_model: Path):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_float_state():
+    """Some tests turn on cvgen's flush-denormal lever (process-global CPU state, which
+    hypothesis refuses to run under), module fixtures too: reset it after each test."""
+    yield
+    torch.set_flush_denormal(_FLUSH_AT_START)

@@ -307,8 +307,9 @@ class StepStats(Callback):
         elapsed = time.perf_counter() - self._t0
         if trainer.global_step <= self.warmup_steps:
             return
-        key = "pixel_values" if "pixel_values" in batch else "latents"
-        n = int(batch[key].shape[0]) * trainer.world_size
+        from cvgen.training.module import batch_size_of
+
+        n = batch_size_of(batch) * trainer.world_size
         self.step_times.append(elapsed)
         self.images += n
         metrics = {"perf/step_time_s": elapsed, "perf/images_per_s": n / elapsed}
