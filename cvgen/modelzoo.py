@@ -3,8 +3,10 @@
 No machine that runs cvgen's tests can reach a model hub, so the demo, the tests and the
 benchmarks use a model built here: the same classes as SD 1.5 (``UNet2DConditionModel``,
 ``AutoencoderKL``, ``CLIPTextModel``, ``CLIPTokenizer``, a DDPM-family scheduler), either at
-a tiny size (``tiny``: trains on a CPU in seconds) or at the full SD 1.5 size (``sd15``: for
-GPU checks; random weights, so its images are noise). The folder loads with
+a tiny size (``tiny``: trains on a CPU in seconds), at SD 1.5's depth with a quarter of its
+widths (``small``: SD 1.5's compute proportions between VAE, text encoder and UNet, at a size
+a CPU benchmark can afford, 128 px), or at the full SD 1.5 size (``sd15``: for GPU checks;
+random weights, so its images are noise). The folder loads with
 ``StableDiffusionImg2ImgPipeline.from_pretrained(folder)`` exactly as real weights would.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("tiny", "sd15")
+ARCHS = ("tiny", "small", "sd15")
 
 # SD 1.5's noise schedule (scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5).
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -48,6 +50,28 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         "cross_attention_dim": 32,
         "attention_head_dim": 8,
         "norm_num_groups": 32,
+    },
+    "small": {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": (80, 160, 320, 320),
+        "down_block_types": (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        "up_block_types": (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        "cross_attention_dim": 192,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
     },
     "sd15": {
         "sample_size": 64,
@@ -85,6 +109,17 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 32,
         "sample_size": 64,
     },
+    "small": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": (32, 64, 128, 128),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 128,
+    },
     "sd15": {
         "in_channels": 3,
         "out_channels": 3,
@@ -105,6 +140,14 @@ TEXT_CONFIGS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
         "projection_dim": 32,
+        "hidden_act": "quick_gelu",
+    },
+    "small": {
+        "hidden_size": 192,
+        "intermediate_size": 768,
+        "num_attention_heads": 3,
+        "num_hidden_layers": 12,
+        "projection_dim": 192,
         "hidden_act": "quick_gelu",
     },
     "sd15": {

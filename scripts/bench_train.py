@@ -9,6 +9,7 @@ settings do not leak); the parent prints a table and the ratios, and optionally 
 
     python scripts/bench_train.py                        # tiny model, 64 px, CPU
     python scripts/bench_train.py --arch mid             # mid-size UNet, 128 px, CPU
+    python scripts/bench_train.py --arch small           # SD 1.5 at 1/4 width, 128 px, CPU
     python scripts/bench_train.py --arch sd15 --device cuda --precision bf16-mixed \\
         --resolution 512 --batch-size 8                  # SD 1.5 architecture on a GPU
 
@@ -44,12 +45,12 @@ MID_UNET: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
-DEFAULT_RES = {"tiny": 64, "mid": 128, "sd15": 512}
+DEFAULT_RES = {"tiny": 64, "mid": 128, "small": 128, "sd15": 512}
 
 
 # ----------------------------------------------------------------- preparation
 def prepare_model(arch: str, workdir: Path) -> Path:
-    """A random model folder for ``arch`` (tiny, mid or sd15), built once per workdir."""
+    """A random model folder for ``arch`` (tiny, mid, small or sd15), built once per workdir."""
     from cvgen.modelzoo import save_random_model
 
     out = workdir / f"model-{arch}"
@@ -326,7 +327,7 @@ def machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", choices=("tiny", "mid", "sd15"), default="tiny")
+    p.add_argument("--arch", choices=("tiny", "mid", "small", "sd15"), default="tiny")
     p.add_argument("--resolution", type=int, default=None, help="default: tiny 64, mid 128")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=8, help="timed steps")
