@@ -38,6 +38,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "skip_prk_steps": True,
 }
 
+SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD15_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {
         "sample_size": 32,
@@ -57,18 +60,8 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         "out_channels": 4,
         "layers_per_block": 2,
         "block_out_channels": (80, 160, 320, 320),
-        "down_block_types": (
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        "up_block_types": (
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ),
+        "down_block_types": SD15_DOWN_BLOCKS,
+        "up_block_types": SD15_UP_BLOCKS,
         "cross_attention_dim": 192,
         "attention_head_dim": 8,
         "norm_num_groups": 16,
@@ -79,18 +72,8 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         "out_channels": 4,
         "layers_per_block": 2,
         "block_out_channels": (320, 640, 1280, 1280),
-        "down_block_types": (
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        "up_block_types": (
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ),
+        "down_block_types": SD15_DOWN_BLOCKS,
+        "up_block_types": SD15_UP_BLOCKS,
         "cross_attention_dim": 768,
         "attention_head_dim": 8,
         "norm_num_groups": 32,

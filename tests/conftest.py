@@ -54,6 +54,28 @@ def tiny_pipeline(tiny_model: Path):
     return load_img2img(tiny_model, device="cpu", dtype="float32")
 
 
+def make_random_lora(base: Path, out: Path) -> Path:
+    """A LoRA with visible (random, non-zero) weights on a model's UNet, saved by cvgen.lora."""
+    from diffusers import UNet2DConditionModel
+
+    from cvgen.lora import LoRASpec, add_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    unet.requires_grad_(False)
+    params = add_lora(unet, LoRASpec(rank=4))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return save_lora(out, unet, kohya=False)
+
+
+@pytest.fixture(scope="session")
+def random_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA file with random non-zero weights for the tiny model (built once per session)."""
+    return make_random_lora(tiny_model, tmp_path_factory.mktemp("lora"))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]

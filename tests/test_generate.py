@@ -24,21 +24,9 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lora(random_lora: Path) -> Path:
     """A LoRA with visible (random, non-zero) weights on the tiny UNet."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from cvgen.lora import LoRASpec, add_lora, save_lora
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
-    unet.requires_grad_(False)
-    params = add_lora(unet, LoRASpec(rank=4))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return save_lora(tmp_path_factory.mktemp("lora"), unet, kohya=False)
+    return random_lora
 
 
 def _params(seed: int, steps: int = 2, lora_scale: float = 1.0) -> GenParams:

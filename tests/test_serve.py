@@ -22,26 +22,11 @@ from PIL import Image
 from cvgen.serve.config import ServeConfig
 from cvgen.serve.server import build_server
 
+from .conftest import make_random_lora
+
 KEY = "test-key-0123456789"
 H = {"X-API-Key": KEY}
 SIZE = 64  # the tiny model's resolution
-
-
-def make_lora(base: Path, out: Path) -> Path:
-    """A LoRA with visible (random, non-zero) weights on the tiny UNet, saved by cvgen.lora."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from cvgen.lora import LoRASpec, add_lora, save_lora
-
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    unet.requires_grad_(False)
-    params = add_lora(unet, LoRASpec(rank=4))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return save_lora(out, unet, kohya=False)
 
 
 def photo_bytes(w: int = 96, h: int = 128, fmt: str = "JPEG", seed: int = 0) -> bytes:
@@ -80,7 +65,7 @@ def image_host() -> Iterator[str]:
 def client(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     from litserve.utils import wrap_litserve_start
 
-    lora = make_lora(tiny_model, tmp_path_factory.mktemp("lora"))
+    lora = make_random_lora(tiny_model, tmp_path_factory.mktemp("lora"))
     cfg = ServeConfig(
         base=str(tiny_model),
         lora=str(lora),
