@@ -6,9 +6,14 @@ Training samples, ``cvgen generate`` and the server all build their pipelines he
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from cvgen.errors import CVGenError
+
+BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
@@ -27,6 +32,21 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+
+
+def check_base(base: str) -> None:
+    """A ``base`` that names a local path must be a diffusers Stable Diffusion folder."""
+    path = Path(base).expanduser()
+    local = path.exists() or base.startswith((".", "/", "~")) or base.count("/") > 1
+    if not local:
+        return  # a hub id: from_pretrained resolves it (and says so if it cannot)
+    missing = [sub for sub in BASE_PARTS if not (path / sub).is_dir()]
+    if missing:
+        raise CVGenError(
+            f"base model {base!r}: not a diffusers Stable Diffusion folder (missing "
+            f"{', '.join(missing)}); build one with `cvgen model random --out {base}` or "
+            "point at SD 1.5 weights"
+        )
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
@@ -78,9 +98,14 @@ def load_img2img(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
-        str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-    )
+    check_base(str(base))
+    try:
+        pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
+            str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CVGenError(f"base model {str(base)!r}: cannot load it ({first})") from e
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if lora:
         load_lora_into_pipeline(pipe, lora)

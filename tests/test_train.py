@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from cvgen.cli import main
@@ -198,3 +199,20 @@ def test_gpu_config_runs_on_cpu_with_overrides(
     assert (tmp_path / "samples" / "step_000000.png").is_file()  # at_start baseline
     assert (tmp_path / "samples" / "step_000003.png").is_file()
     assert (tmp_path / "lora" / DIFFUSERS_WEIGHT_NAME).is_file()
+
+
+@pytest.mark.parametrize("base", ["/nonexistent/sd", "./no-such-model"])
+def test_missing_base_model_is_a_cli_error(
+    base: str, sample_data: Path, tmp_path: Path, capsys
+) -> None:
+    args = fit_args(Path(base), sample_data, tmp_path, 1, "--trainer.logger", "false")
+    args[args.index("--model.base") + 1] = base
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"base model {base!r}" in err and "not a diffusers Stable Diffusion folder" in err
+    photo = tmp_path / "in.jpg"
+    Image.new("RGB", (64, 64)).save(photo)
+    out = str(tmp_path / "o.jpg")
+    gen = ["generate", "--image", str(photo), "--prompt", "p", "--out", out, "--base", base]
+    assert main(gen) == 2
+    assert "not a diffusers Stable Diffusion folder" in capsys.readouterr().err

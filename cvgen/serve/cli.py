@@ -56,9 +56,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the LoRA, then supervise the server child until it exits or a signal comes."""
+    from cvgen.pipeline import check_base
     from cvgen.serve.wandb_lora import resolve_lora
 
     cfg = config_from_args(args)
+    check_base(cfg.base)  # fail here with the reason, not in a worker that LitServe hides
     cfg.lora = resolve_lora(cfg.lora, cfg.wandb_cache_dir)
     if cfg.host not in ("0.0.0.0", "127.0.0.1", "::"):
         from cvgen.errors import CVGenError

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from cvgen import lora as lora_lib
+from cvgen.errors import CVGenError
+from cvgen.pipeline import check_base
 from cvgen.training.losses import diffusion_loss, sample_noise, target_for
 
 PRECISION_DTYPES = {
@@ -133,13 +135,22 @@ class LoRADiffusion(pl.LightningModule):
         hp: Any = self.hparams
         kw: dict[str, Any] = {"revision": hp.revision}
         wkw = dict(kw, variant=hp.variant)
-        self.tokenizer = CLIPTokenizer.from_pretrained(hp.base, subfolder="tokenizer", **kw)
-        self.noise_scheduler = DDPMScheduler.from_pretrained(hp.base, subfolder="scheduler", **kw)
+        check_base(hp.base)
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(hp.base, subfolder="tokenizer", **kw)
+            self.noise_scheduler = DDPMScheduler.from_pretrained(
+                hp.base, subfolder="scheduler", **kw
+            )
+            self.text_encoder = CLIPTextModel.from_pretrained(
+                hp.base, subfolder="text_encoder", **wkw
+            )
+            self.vae = AutoencoderKL.from_pretrained(hp.base, subfolder="vae", **wkw)
+            self.unet = UNet2DConditionModel.from_pretrained(hp.base, subfolder="unet", **wkw)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CVGenError(f"model.base {hp.base!r}: cannot load it ({first})") from e
         if hp.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=hp.prediction_type)
-        self.text_encoder = CLIPTextModel.from_pretrained(hp.base, subfolder="text_encoder", **wkw)
-        self.vae = AutoencoderKL.from_pretrained(hp.base, subfolder="vae", **wkw)
-        self.unet = UNet2DConditionModel.from_pretrained(hp.base, subfolder="unet", **wkw)
         lora_lib.freeze(self.vae, self.text_encoder, self.unet)
         lora_lib.add_lora(self.unet, self.unet_spec)
         if self.te_spec is not None:
