@@ -49,6 +49,14 @@ def check_base(base: str) -> None:
         )
 
 
+def base_load_error(label: str, base: str, error: Exception) -> CVGenError:
+    """The user error for a base model that ``from_pretrained`` could not load: its first
+    line, not the library's traceback."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return CVGenError(f"{label} {base!r}: cannot load it ({first})")
+
+
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     """``auto`` is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 elsewhere."""
     if name in (None, "auto"):
@@ -104,8 +112,7 @@ def load_img2img(
             str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CVGenError(f"base model {str(base)!r}: cannot load it ({first})") from e
+        raise base_load_error("base model", str(base), e) from e
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if lora:
         load_lora_into_pipeline(pipe, lora)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cvgen.perf import flush_denormal_enabled
+
 # Nothing in the tests may reach the network or write outside tmp dirs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,7 +20,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-_FLUSH_AT_START = torch.tensor(1e-40, dtype=torch.float32).mul(1.0).item() == 0.0
+_FLUSH_AT_START = flush_denormal_enabled()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

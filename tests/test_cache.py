@@ -116,7 +116,7 @@ def test_cached_batches_give_the_pixel_loss_and_augmentation(
     for key in keys:
         pixel_item, cached_item = ds[key], cached[key]
         assert cached_item["text"] == pixel_item["text"], key
-        flip, _ = cache_lib.augmentation(ds, *key)
+        flip, _ = ds.augmentation(*key)
         flips.add(flip)
         assert (
             cached_item["latent_mean"]

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cvgen.serve.config import ServeConfig
+from cvgen.serve.schema import PARAM_FIELDS
 from cvgen.serve.server import build_server
 
 from .conftest import make_random_lora
@@ -380,16 +381,7 @@ _urls = st.sampled_from(
         "http://",
     ]
 )
-_names = (
-    "prompt",
-    "negative_prompt",
-    "strength",
-    "steps",
-    "guidance_scale",
-    "seed",
-    "lora_scale",
-    "mood",
-)
+_names = (*PARAM_FIELDS, "mood")  # every request field, and one the server does not know
 _images = st.one_of(st.none(), st.just(PHOTO), st.just(TRUNCATED), st.binary(max_size=64))
 
 

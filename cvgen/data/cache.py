@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from cvgen.data.dataset import PortraitDataset, process_caption
+from cvgen.data.dataset import PortraitDataset
 from cvgen.fsutil import atomic_path, atomic_write_text
 
 CACHE_VERSION = 1
@@ -276,21 +275,6 @@ def build_or_load(
 
 
 # ----------------------------------------------------------------------- dataset
-def augmentation(dataset: PortraitDataset, index: int, epoch: int) -> tuple[bool, str]:
-    """(flipped, caption) that ``dataset[(index, epoch)]`` would produce: the same random
-    stream, drawn in the same order, without decoding the image."""
-    rng = random.Random(f"{dataset.seed}:{index}:{epoch}")
-    flip = bool(dataset.random_flip and rng.random() < 0.5)
-    text = process_caption(
-        dataset.records[index].text,
-        rng,
-        dataset.caption_dropout,
-        dataset.shuffle_captions,
-        dataset.keep_tokens,
-    )
-    return flip, text
-
-
 class CachedLatentDataset(Dataset):
     """Serves ``{"latent_mean", "latent_std", "encoder_hidden_states"?, "text", "index"}``
     from a :class:`LatentCache`, with the base dataset's per-sample augmentation decisions;
@@ -305,7 +289,7 @@ class CachedLatentDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        flip, text = augmentation(self.base, index, epoch)
+        flip, text = self.base.augmentation(index, epoch)
         c = self.cache
         if flip:
             assert c.mean_flip is not None and c.std_flip is not None

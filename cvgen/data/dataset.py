@@ -30,6 +30,24 @@ def process_caption(
     return text
 
 
+def augment(
+    text: str,
+    seed: int,
+    index: int,
+    epoch: int,
+    random_flip: bool = False,
+    caption_dropout: float = 0.0,
+    shuffle_captions: bool = False,
+    keep_tokens: int = 1,
+) -> tuple[bool, str]:
+    """The per-sample augmentation decisions, ``(flip, caption)``: a pure function of
+    ``(seed, index, epoch)``, shared by every dataset that serves a sample (folder, latent
+    cache, stream), so they all agree on it."""
+    rng = random.Random(f"{seed}:{index}:{epoch}")
+    flip = bool(random_flip and rng.random() < 0.5)
+    return flip, process_caption(text, rng, caption_dropout, shuffle_captions, keep_tokens)
+
+
 class PortraitDataset(Dataset):
     """Images and captions. Items are addressed by ``(index, epoch)`` keys (see
     :class:`~cvgen.data.sampler.BucketBatchSampler`) or a plain index; all per-sample
@@ -59,21 +77,31 @@ class PortraitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def augmentation(self, index: int, epoch: int) -> tuple[bool, str]:
+        """``(flip, caption)`` of ``self[(index, epoch)]``, without decoding the image."""
+        return augment(
+            self.records[index].text,
+            self.seed,
+            index,
+            epoch,
+            self.random_flip,
+            self.caption_dropout,
+            self.shuffle_captions,
+            self.keep_tokens,
+        )
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rec = self.records[index]
-        rng = random.Random(f"{self.seed}:{index}:{epoch}")
         try:
             img = open_image(rec.path)
         except ImageError as e:
             raise DataError(f"metadata.jsonl:{rec.line}: {e}") from e
         width, height = self.sizes[index]
         img = resize_and_crop(img, width, height)
-        if self.random_flip and rng.random() < 0.5:
+        flip, text = self.augmentation(index, epoch)
+        if flip:
             img = ImageOps.mirror(img)
-        text = process_caption(
-            rec.text, rng, self.caption_dropout, self.shuffle_captions, self.keep_tokens
-        )
         return {"pixel_values": to_tensor(img), "text": text, "index": index}
 
 

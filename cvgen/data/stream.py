@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 
 from litdata import StreamingDataset
 
-from cvgen.data.dataset import process_caption
+from cvgen.data.dataset import augment
 from cvgen.data.metadata import DataError, read_metadata
 from cvgen.images import ImageError, open_image, resize_and_crop, to_tensor
 
@@ -199,7 +198,6 @@ class StreamingPortraitDataset(StreamingDataset):
         item = super().__getitem__(index)
         idx = int(item["index"])
         epoch = int(getattr(self, "current_epoch", 1))
-        rng = random.Random(f"{self.aug_seed}:{idx}:{epoch}")
         try:
             img = open_image(bytes(item["image"]))  # litdata returns memoryview
         except ImageError as e:
@@ -207,11 +205,18 @@ class StreamingPortraitDataset(StreamingDataset):
                 f"{self.input_dir_str}: item from metadata.jsonl:{item['line']}: {e}"
             ) from e
         img = resize_and_crop(img, self.resolution, self.resolution)
-        if self.random_flip and rng.random() < 0.5:
+        flip, text = augment(
+            str(item["text"]),
+            self.aug_seed,
+            idx,
+            epoch,
+            self.random_flip,
+            self.caption_dropout,
+            self.shuffle_captions,
+            self.keep_tokens,
+        )
+        if flip:
             from PIL import ImageOps
 
             img = ImageOps.mirror(img)
-        text = process_caption(
-            str(item["text"]), rng, self.caption_dropout, self.shuffle_captions, self.keep_tokens
-        )
         return {"pixel_values": to_tensor(img), "text": text, "index": idx}

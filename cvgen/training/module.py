@@ -10,8 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from cvgen import lora as lora_lib
-from cvgen.errors import CVGenError
-from cvgen.pipeline import check_base
+from cvgen.pipeline import base_load_error, check_base
 from cvgen.training.losses import diffusion_loss, sample_noise, target_for
 
 PRECISION_DTYPES = {
@@ -147,8 +146,7 @@ class LoRADiffusion(pl.LightningModule):
             self.vae = AutoencoderKL.from_pretrained(hp.base, subfolder="vae", **wkw)
             self.unet = UNet2DConditionModel.from_pretrained(hp.base, subfolder="unet", **wkw)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CVGenError(f"model.base {hp.base!r}: cannot load it ({first})") from e
+            raise base_load_error("model.base", hp.base, e) from e
         if hp.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=hp.prediction_type)
         lora_lib.freeze(self.vae, self.text_encoder, self.unet)
