@@ -121,12 +121,8 @@ class CVGenCLI(LightningCLI):
         # finish W&B runs now (not at interpreter exit): the run is complete on disk, and
         # synced when online, by the time `cvgen fit` returns
         for logger in self.trainer.loggers:
-            if type(logger).__name__ == "WandbLogger" and trainer_is_global_zero(self.trainer):
+            if type(logger).__name__ == "WandbLogger" and self.trainer.is_global_zero:
                 logger.experiment.finish()  # type: ignore[attr-defined]
-
-
-def trainer_is_global_zero(trainer: Any) -> bool:
-    return bool(getattr(trainer, "is_global_zero", True))
 
 
 def run_cli(args: list[str] | None = None) -> CVGenCLI:
