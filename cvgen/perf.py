@@ -9,14 +9,23 @@ Each lever is a plain function on diffusers / torch objects, switched from YAML:
 - ``compile_unet``: ``torch.compile`` of the UNet in place (``nn.Module.compile``), so
   parameter names, checkpoints and LoRA export are unchanged.
 - ``allow_tf32``: TF32 matmuls and convolutions on Ampere+ GPUs (no effect on CPU).
-- ``flush_denormal``: flush denormal floats to zero on the CPU. Denormals are common in
-  (random or small) diffusion weights and activations and cost 10x or more per operation on
-  x86: the tiny UNet's forward drops from about 2.4 s to 0.23 s on 2 cores.
+- ``flush_denormal``: flush denormal floats to zero on the CPU. Denormals turn up in (random
+  or small) diffusion weights and activations and can cost many times a normal operation on
+  x86 (an early random tiny model: UNet forward 2.4 s -> 0.23 s); on the current random
+  models the difference is within noise (benchmarks/README.md). Harmless either way.
+- ``retain_cpu_memory``: keep freed host memory in the process instead of handing it back to
+  the OS after every step (glibc's ``mallopt``: a fixed 32 MiB mmap threshold and a 1 GiB trim
+  threshold). Otherwise each training step on the CPU re-faults tens of thousands of fresh
+  pages: about 10% of a step on the ``small`` model (benchmarks/README.md). The resident set
+  stays at its peak, which a training or serving process reaches anyway.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -66,6 +75,32 @@ def set_flush_denormal(enabled: bool) -> bool:
     """Flush denormal floats to zero on the CPU (process-wide for threads started later);
     returns whether the CPU supports it."""
     return bool(torch.set_flush_denormal(enabled))
+
+
+# glibc's mallopt parameters (malloc.h) and its largest mmap threshold on 64-bit systems
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20
+TRIM_THRESHOLD = 2**30
+
+
+def retain_cpu_memory(enabled: bool = True) -> bool:
+    """Keep freed host memory in the process (glibc only; process-wide, and it cannot be
+    undone); returns whether it took effect (False on other C libraries or when disabled)."""
+    if not enabled or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    if not ok:
+        log.warning("retain_cpu_memory: mallopt refused the thresholds; left as they were")
+    return ok
 
 
 def apply_unet_levers(

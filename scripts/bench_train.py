@@ -63,7 +63,8 @@ def prepare_model(arch: str, workdir: Path) -> Path:
         save_random_model(out, "tiny", seed=0)
         torch.manual_seed(0)
         shutil.rmtree(out / "unet")
-        UNet2DConditionModel(**MID_UNET).save_pretrained(out / "unet")
+        unet: Any = UNet2DConditionModel(**MID_UNET)  # diffusers' mixins are untyped
+        unet.save_pretrained(out / "unet")
         (out / "cvgen_model.json").write_text(json.dumps({"arch": "mid", "random": True}))
     else:
         save_random_model(out, arch, seed=0)
@@ -334,7 +335,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     p.add_argument("--images", type=int, default=32, help="training images")
     p.add_argument("--workers", type=int, default=1, help="data-loader processes")
-    p.add_argument("--threads", type=int, default=1, help="torch compute threads (CPU)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch compute threads (CPU); 0: torch's default"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32-true", help="32-true or bf16-mixed")
     p.add_argument("--modes", default=",".join(MODES))
@@ -358,9 +361,10 @@ def main() -> None:
     if args.worker:
         import torch
 
-        # flush_denormal only reaches the thread that sets it (and threads started after it):
-        # one compute thread keeps the comparison free of denormal noise on CPU
-        torch.set_num_threads(args.threads)
+        # one compute thread by default: on a small machine the modes' loader processes would
+        # otherwise compete with the compute threads for the cores, and runs drift more
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         fns = {
             "plain": lambda: worker_plain(args, ftz=False),
             "plain-ftz": lambda: worker_plain(args, ftz=True),
@@ -387,7 +391,6 @@ def main() -> None:
         row = ranked[len(ranked) // 2]
         row["rounds_images_per_s"] = [round(r["images_per_s"], 3) for r in runs[m]]
         rows.append(row)
-    by = {r["mode"]: r for r in rows}
     flops = next((r["flops_per_image"] for r in rows if r.get("flops_per_image")), None)
     print(
         f"\ncvgen bench_train  {time.strftime('%Y-%m-%d %H:%M')}  {machine()}\n"
@@ -406,13 +409,22 @@ def main() -> None:
             print(
                 f"{'':13}cache {'hit' if r['cache_hit'] else 'built'} in {r['cache_seconds']:.1f} s"
             )
-    ratios = {}
+    # ratios are paired: each round's cvgen run against the plain run of the same round
+    # (the machine's load drifts between rounds more than it does within one), median shown
+    ratios, spread = {}, {}
     for base in ("plain", "plain-ftz"):
         for m in ("cvgen", "cvgen-cache"):
-            if base in by and m in by:
-                ratios[f"{m}/{base}"] = by[m]["images_per_s"] / by[base]["images_per_s"]
+            if base in runs and m in runs:
+                pairs = sorted(
+                    a["images_per_s"] / b["images_per_s"]
+                    for a, b in zip(runs[m], runs[base], strict=True)
+                )
+                ratios[f"{m}/{base}"] = pairs[len(pairs) // 2]
+                spread[f"{m}/{base}"] = (pairs[0], pairs[-1])
     for k, v in ratios.items():
-        print(f"ratio {k:<24}{v:6.2f}x")
+        lo, hi = spread[k]
+        rng = f"  (rounds {lo:.2f}x to {hi:.2f}x)" if args.rounds > 1 else ""
+        print(f"ratio {k:<24}{v:6.2f}x{rng}")
     if flops:
         enc, train = flops.get("encoders", 0.0), flops.get("unet_train", 0.0)
         print(f"FLOPs per image: encoders {enc / 1e9:.2f} G, UNet fwd+bwd {train / 1e9:.2f} G")
@@ -431,6 +443,7 @@ def main() -> None:
             "args": {k: v for k, v in vars(args).items() if k not in ("worker",)},
             "rows": rows,
             "ratios": ratios,
+            "ratio_range": spread,
             "flops_per_image": flops,
         }
         Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")

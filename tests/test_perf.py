@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,53 @@ def test_training_defaults_use_sdpa_and_no_compile(tiny_model: Path, restore_tf3
     assert not perf.is_compiled(model.unet)
     assert not conv_weight(model.unet).is_contiguous(memory_format=torch.channels_last)
     assert torch.backends.cuda.matmul.allow_tf32 is True
+
+
+# Training's allocation pattern in miniature: a large block freed, then many mid-size ones
+# freed together. glibc by default returns the freed top of its heap to the OS, so the next
+# round page-faults all of it again; with retain_cpu_memory it keeps it.
+CHURN = """
+import resource, sys, torch
+from cvgen import perf
+retained = perf.retain_cpu_memory(sys.argv[1] == "retain")
+def churn():
+    for _ in range(10):
+        big = torch.ones(30 * 2**18)
+        del big
+        blocks = [torch.ones(2 * 2**20) for _ in range(10)]
+        del blocks
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(retained, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def page_faults(mode: str) -> tuple[bool, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+def test_retain_cpu_memory_stops_the_page_faults_of_freed_memory() -> None:
+    took, retained = page_faults("retain")
+    if not took:
+        pytest.skip("this C library has no mallopt (not glibc)")
+    off, default = page_faults("off")
+    assert not off
+    assert default > 10_000  # the pattern does fault by default (the test can tell)
+    assert retained < default / 10
+
+
+def test_retain_cpu_memory_follows_the_hyperparameter(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, restore_tf32
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(perf, "retain_cpu_memory", lambda on=True: calls.append(on) or on)
+    LoRADiffusion(base=str(tiny_model)).setup("fit")
+    LoRADiffusion(base=str(tiny_model), retain_cpu_memory=False).setup("fit")
+    assert calls == [True, False]
 
 
 def test_attention_kinds_give_the_same_output(tiny_model: Path) -> None:
