@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from cvgen.errors import CVGenError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# import names of the packages that only `pip install "cvgen[train]"` brings
+TRAIN_PACKAGES = frozenset(
+    {"lightning", "jsonargparse", "dvc", "litdata", "cv2", "matplotlib", "skimage", "torchvision"}
+)
 # command -> module with add_parser(subparsers) that sets `func` on its parser
 TOOLS = {
     "model": "cvgen.commands.model",
@@ -50,6 +54,17 @@ def _available_tools() -> dict[str, str]:
         if spec is not None:
             out[name] = module
     return out
+
+
+def missing_extra(command: str, error: ModuleNotFoundError) -> CVGenError | None:
+    """The error to show when ``command`` failed for want of a ``cvgen[train]`` package."""
+    top = (error.name or "").split(".")[0]
+    if top not in TRAIN_PACKAGES:
+        return None
+    return CVGenError(
+        f"'cvgen {command}' needs the training dependencies ({top} is not installed): "
+        "pip install 'cvgen[train]'"
+    )
 
 
 def run_tool(argv: Sequence[str]) -> int:
@@ -96,6 +111,12 @@ def _main(args: list[str], from_sys_argv: bool) -> int:
 
         run_cli(None if from_sys_argv else args)
         return 0
+    except ModuleNotFoundError as e:
+        err = missing_extra(args[0], e)
+        if err is None:
+            raise
+        print(f"cvgen: error: {err}", file=sys.stderr)
+        return 2
     except CVGenError as e:
         print(f"cvgen: error: {e}", file=sys.stderr)
         return 2

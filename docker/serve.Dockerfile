@@ -16,9 +16,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# dependencies first (cached while only the code changes)
+# dependencies first (cached while only the code changes): the base install only, which is
+# what serving needs; training, data preparation, DVC and streaming are the `train` extra
 COPY pyproject.toml README.md ./
-RUN pip install --index-url ${TORCH_INDEX} "torch>=2.4,<2.15" "torchvision>=0.19,<0.30" \
+RUN pip install --index-url ${TORCH_INDEX} "torch>=2.4,<2.15" \
     && mkdir -p cvgen && touch cvgen/__init__.py && pip install . && pip uninstall -y cvgen
 COPY cvgen ./cvgen
 RUN pip install --no-deps . && rm -rf /src
