@@ -17,7 +17,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   SUFFIX=smoke
 else
   PEAK=${PEAK_TFLOPS:-790}   # H200 dense bf16; set PEAK_TFLOPS for other GPUs (A100: 312, H100: 989)
-  TRAIN=(--arch sd15 --device cuda --precision bf16-mixed --resolution 512 --batch-size 8 --steps 10 --warmup 3 --images 64 --workers 4 --channels-last --flops --peak-tflops "$PEAK")
+  TRAIN=(--arch sd15 --device cuda --precision bf16-mixed --resolution 512 --batch-size 8 --steps 10 --warmup 3 --images 64 --workers 4 --threads 0 --channels-last --flops --peak-tflops "$PEAK")
   SERVE=(--arch sd15 --device cuda --dtype bfloat16 --steps 30 --strength 0.6 --latency-requests 10 --batch-sizes 1,2,4,8 --concurrency 1,8 --rounds 3 --compile --channels-last)
   SUFFIX=gpu
 fi
