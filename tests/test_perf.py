@@ -197,3 +197,24 @@ def test_serve_levers_and_warmup(tiny_model: Path, restore_tf32) -> None:
     assert engine.warmup_batch_sizes() == [1, 3]
     engine.warmup()
     assert pipe.calls == [1, 3]
+
+
+def test_adamw_is_fused_on_cpu(tiny_model: Path, restore_tf32) -> None:
+    model = LoRADiffusion(base=str(tiny_model))
+    model.setup("fit")
+    opt = model.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+
+
+def test_adamw_keeps_foreach_under_mixed_precision(tiny_model: Path, restore_tf32) -> None:
+    class FakeTrainer:  # Lightning refuses gradient clipping with fused optimizers under AMP
+        precision = "bf16-mixed"
+        estimated_stepping_batches = 10
+
+    model = LoRADiffusion(base=str(tiny_model))
+    model._trainer = FakeTrainer()  # type: ignore[assignment]
+    model.setup("fit")
+    opt = model.configure_optimizers()["optimizer"]
+    assert not opt.defaults["fused"] and opt.defaults["foreach"] is True
