@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
@@ -15,8 +15,11 @@ from cvgen.data.buckets import make_buckets, nearest_bucket
 from cvgen.data.dataset import PortraitDataset, collate, image_size
 from cvgen.data.metadata import DataError, Record, read_metadata
 from cvgen.data.sampler import BucketBatchSampler, ResumableDataLoader
-from cvgen.data.stream import StreamingPortraitDataset, is_stream_root, stream_dirs
+from cvgen.data.stream_layout import is_stream_root, stream_dirs
 from cvgen.data.version import find_data_version
+
+if TYPE_CHECKING:  # litdata is imported only when streaming
+    from cvgen.data.stream import StreamingPortraitDataset
 
 
 def split_records(
@@ -211,6 +214,8 @@ class PortraitDataModule(pl.LightningDataModule):
                 print(f"cvgen: could not log the data version to {type(logger).__name__}: {e}")
 
     def _setup_stream(self) -> None:
+        from cvgen.data.stream import StreamingPortraitDataset
+
         hp: Any = self.hparams
         if hp.bucketing:
             warnings.warn(

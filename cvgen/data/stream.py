@@ -33,37 +33,18 @@ from litdata import StreamingDataset
 
 from cvgen.data.dataset import augment
 from cvgen.data.metadata import DataError, read_metadata
+from cvgen.data.stream_layout import INDEX_FILE, SPLIT_DIRS, is_remote, is_stream_root, stream_dirs
 from cvgen.images import ImageError, open_image, resize_and_crop, to_tensor
 
-REMOTE_PREFIXES = ("s3://", "gs://")
-INDEX_FILE = "index.json"
-SPLIT_DIRS = ("train", "validation")
-
-
-def is_remote(root: str) -> bool:
-    return str(root).startswith(REMOTE_PREFIXES)
-
-
-def is_stream_root(root: str | os.PathLike[str]) -> bool:
-    """True for an s3:// / gs:// URL or a local folder of litdata chunks (``index.json``,
-    or ``train/index.json``); False for a dataset folder (``metadata.jsonl``)."""
-    root = str(root)
-    if is_remote(root):
-        return True
-    p = Path(root)
-    return (p / INDEX_FILE).is_file() or (p / "train" / INDEX_FILE).is_file()
-
-
-def stream_dirs(root: str) -> tuple[str, str | None]:
-    """(training chunk dir, validation chunk dir or None) of a stream root."""
-    root = root.rstrip("/")
-    if is_remote(root):
-        return f"{root}/train", f"{root}/validation"  # optimize_dataset writes both
-    p = Path(root)
-    if (p / INDEX_FILE).is_file():
-        return root, None
-    val = p / "validation"
-    return str(p / "train"), str(val) if (val / INDEX_FILE).is_file() else None
+__all__ = [
+    "INDEX_FILE",
+    "SPLIT_DIRS",
+    "StreamingPortraitDataset",
+    "is_remote",
+    "is_stream_root",
+    "optimize_dataset",
+    "stream_dirs",
+]
 
 
 def _encode(item: tuple[str, str, int, int]) -> dict[str, Any]:
