@@ -5,9 +5,15 @@
 #
 #   scripts/gpu_train_check.sh                 # on a CUDA machine, from the repo root
 #   ARCH=tiny RES=64 STEPS=6 ACCEL=cpu PRECISION=32-true scripts/gpu_train_check.sh   # CPU dry run
+# On a machine without the venv (its own torch, cvgen's wheels from scripts/wheelhouse.py):
+#   PYTHONPATH=$PWD:/tmp/site CVGEN="python3 -m cvgen.cli" LOGGER=false scripts/gpu_train_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
+read -ra CVGEN <<<"${CVGEN:-$BIN/cvgen}"
+# LOGGER=false trains without the W&B logger (for a machine without wandb)
+LOGGER_ARGS=()
+[[ -n "${LOGGER:-}" ]] && LOGGER_ARGS=(--trainer.logger "$LOGGER")
 ARCH=${ARCH:-sd15}
 RES=${RES:-512}
 STEPS=${STEPS:-40}
@@ -19,10 +25,10 @@ WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$OUT_DIR"
 export WANDB_MODE=offline DVC_NO_ANALYTICS=1
 
-test -f "$WORK/model/model_index.json" || "$BIN/cvgen" model random --arch "$ARCH" --out "$WORK/model"
-test -f "$WORK/data/metadata.jsonl" || "$BIN/cvgen" data sample --out "$WORK/data" --size "$RES"
+test -f "$WORK/model/model_index.json" || "${CVGEN[@]}" model random --arch "$ARCH" --out "$WORK/model"
+test -f "$WORK/data/metadata.jsonl" || "${CVGEN[@]}" data sample --out "$WORK/data" --size "$RES"
 
-"$BIN/cvgen" fit --config configs/lora.yaml \
+"${CVGEN[@]}" fit --config configs/lora.yaml "${LOGGER_ARGS[@]}" \
   --model.base "$WORK/model" --data.root "$WORK/data" \
   --data.resolution "$RES" --data.batch_size "$BATCH" --data.num_workers 2 \
   --data.val_fraction 0.25 --data.bucketing false \
