@@ -72,6 +72,7 @@ def bare_latency(args: argparse.Namespace, model: Path, n: int) -> list[float]:
         attention="sdpa",
         channels_last=args.channels_last,
         compile_unet=args.compile,
+        compile_mode=args.compile_mode,
         others=(pipe.vae,),
     )
     if args.device == "cpu":
@@ -122,6 +123,7 @@ class Server:
             "default_steps": args.steps,
             "default_strength": args.strength,
             "compile_unet": args.compile,
+            "compile_mode": args.compile_mode or "default",
             "channels_last": args.channels_last,
             "warmup": True,
             "queue_timeout": 600,
@@ -210,6 +212,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x level")
     p.add_argument("--batch-timeout", type=float, default=0.05)
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--compile-mode", default=None, help="default, reduce-overhead (CUDA graphs), max-autotune"
+    )
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("--workdir", default="/tmp/cvgen-bench")
@@ -233,11 +238,18 @@ def main() -> None:
     }
     import httpx
 
+    print(
+        f"bare pipeline, batch 1: p50 {1000 * result['bare']['p50_s']:.1f} ms", flush=True
+    )  # each figure is printed (and the JSON rewritten) as soon as it is measured, so a run
+    # stopped by a time limit still leaves what it had
+    save(args, result)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         server = Server(args, model, batch, workdir)
         try:
             ready = server.wait_ready(args.ready_timeout)
             entry: dict[str, Any] = {"max_batch_size": batch, "ready_s": ready, "levels": []}
+            result["servers"].append(entry)
+            print(f"max_batch_size {batch}: ready in {ready:.0f} s", flush=True)
             if batch == 1:
                 with httpx.Client() as client:
                     post(client, server.url, photo, 0)
@@ -246,10 +258,18 @@ def main() -> None:
                     ]
                 entry["latency"] = {"p50_s": statistics.median(lat), "p95_s": pct(lat, 0.95)}
                 result["overhead"] = entry["latency"]["p50_s"] / result["bare"]["p50_s"] - 1
+                print(f"  HTTP p50 {1000 * entry['latency']['p50_s']:.1f} ms", flush=True)
+                save(args, result)
             levels = sorted({int(c) for c in args.concurrency.split(",")} | {batch})
             for c in levels:
-                entry["levels"].append(throughput(server.url, photo, c, args.rounds * c))
-            result["servers"].append(entry)
+                lv = throughput(server.url, photo, c, args.rounds * c)
+                entry["levels"].append(lv)
+                print(
+                    f"  {c} concurrent: {lv['images_per_s']:.2f} images/s, "
+                    f"mean batch {lv['mean_batch']:.2f}",
+                    flush=True,
+                )
+                save(args, result)
         finally:
             server.stop()
 
@@ -257,7 +277,8 @@ def main() -> None:
         f"\ncvgen bench_serve  {result['date']}  {result['machine']}\n"
         f"arch={args.arch} device={args.device} dtype={args.dtype} steps={args.steps} "
         f"strength={args.strength} (img2img runs {int(args.steps * args.strength)} steps) "
-        f"compile={args.compile} channels_last={args.channels_last}"
+        f"compile={args.compile} ({args.compile_mode or 'default'}) "
+        f"channels_last={args.channels_last}"
     )
     b = result["bare"]
     print(
@@ -290,8 +311,15 @@ def main() -> None:
         result["batching_gain"] = by[top] / by[(1, 8)]
         print(f"ratio: 8 concurrent, max_batch_size {top[0]} vs 1: {result['batching_gain']:.2f}x")
     print(f"(total {time.perf_counter() - t_start:.0f} s)")
+    save(args, result)
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Write the figures so far to ``--json`` (atomically: a reader never sees half a file)."""
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        from cvgen.fsutil import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
