@@ -382,9 +382,14 @@ def main() -> None:
     # machine the load drifts between runs; each mode reports its median round
     modes = args.modes.split(",")
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for m in modes:
             runs[m].append(summarize(m, run_worker(m, args), args))
+            r = runs[m][-1]  # printed as it comes: a run cut off by a time limit keeps it
+            print(
+                f"round {i + 1} {m}: {r['images_per_s']:.2f} images/s, {r['step_ms']:.1f} ms/step",
+                flush=True,
+            )
     rows = []
     for m in modes:
         ranked = sorted(runs[m], key=lambda r: r["images_per_s"])
