@@ -9,7 +9,7 @@ PY := $(BIN)/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve data/portraits repro data-push bench bench-mid bench-gpu gpu-train-check
+.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve data/portraits repro data-push bench bench-small bench-mid bench-gpu gpu-train-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_/.-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -71,8 +71,11 @@ test-gpu: $(VENV)/.installed ## run the GPU tests (need CUDA)
 	$(BIN)/pytest -q -m gpu
 
 bench: $(VENV)/.installed ## CPU benchmarks: training and serving (tiny); figures to stdout + benchmarks/*.json
-	$(PY) scripts/bench_train.py --flops --fresh-cache --json benchmarks/train-cpu-tiny.json
+	$(PY) scripts/bench_train.py --rounds 3 --flops --fresh-cache --json benchmarks/train-cpu-tiny.json
 	$(PY) scripts/bench_serve.py --json benchmarks/serve-cpu-tiny.json
+
+bench-small: $(VENV)/.installed ## CPU training benchmark, SD 1.5 at quarter width (about 3 min)
+	$(PY) scripts/bench_train.py --arch small --rounds 5 --modes plain,cvgen,cvgen-cache --flops --json benchmarks/train-cpu-small.json
 
 bench-mid: $(VENV)/.installed ## CPU training benchmark on the mid-size UNet (about 5 min)
 	$(PY) scripts/bench_train.py --arch mid --steps 4 --warmup 1 --flops --fresh-cache --json benchmarks/train-cpu-mid.json
