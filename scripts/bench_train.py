@@ -451,7 +451,9 @@ def main() -> None:
             "ratio_range": spread,
             "flops_per_image": flops,
         }
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
+        from cvgen.fsutil import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(out, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
