@@ -105,7 +105,8 @@ def test_resume_matches_an_uninterrupted_run(
     tiny_model: Path, sample_data: Path, tmp_path: Path
 ) -> None:
     quiet = ("--trainer.logger", "false", "--trainer.limit_val_batches", "0")
-    every = ("--checkpoint.every_n_train_steps", "1")
+    # with the EMA of the LoRA weights on: the average resumes too
+    every = ("--checkpoint.every_n_train_steps", "1", "--model.ema_decay", "0.9")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(fit_args(tiny_model, sample_data, straight, 8, *quiet, *every)) == 0
     # 3 training batches per epoch: stopping at step 4 is mid-epoch
@@ -125,6 +126,12 @@ def test_resume_matches_an_uninterrupted_run(
     sa, sb = ca["optimizer_states"][0]["state"], cb["optimizer_states"][0]["state"]
     for i in sa:
         torch.testing.assert_close(sb[i]["exp_avg"], sa[i]["exp_avg"], rtol=1e-5, atol=1e-7)
+    for k, v in ca["state_dict"].items():  # the trained weights, beside their average
+        torch.testing.assert_close(cb["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    ea, eb = ca["cvgen_ema"], cb["cvgen_ema"]
+    assert ea["updates"] == eb["updates"] == 8
+    for k in ea["weights"]:
+        torch.testing.assert_close(eb["weights"][k], ea["weights"][k], rtol=1e-5, atol=1e-6)
 
 
 def test_validate_test_and_predict_subcommands(

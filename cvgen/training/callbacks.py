@@ -17,7 +17,8 @@ from cvgen import lora as lora_lib
 
 class LoRAExport(Callback):
     """Writes the LoRA (diffusers + kohya formats) into ``dirpath``, atomically: every
-    ``every_n_train_steps`` steps, after each validation, and at the end of training.
+    ``every_n_train_steps`` steps, after each validation, and at the end of training. With
+    ``model.ema_decay`` set, the exported weights are the moving average.
 
     Args:
         dirpath: output folder (the CLI sets ``<default_root_dir>/lora``).
@@ -55,9 +56,13 @@ class LoRAExport(Callback):
             "data_version": getattr(getattr(trainer, "datamodule", None), "data_version", None),
         }
         te = module.text_encoder if module.te_spec is not None else None
-        self.last_export = lora_lib.save_lora(
-            self._dir(trainer), module.unet, te, kohya=self.kohya, info=info
-        )
+        ema = getattr(module, "ema", None)
+        if ema is not None and ema.ready:
+            info["ema"] = {"decay": ema.decay, "updates": ema.updates}
+        with module.ema_weights():  # the averaged weights when EMA is on
+            self.last_export = lora_lib.save_lora(
+                self._dir(trainer), module.unet, te, kohya=self.kohya, info=info
+            )
         return self.last_export
 
     def on_train_batch_end(
