@@ -26,6 +26,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -424,7 +425,7 @@ def main() -> None:
                     a["images_per_s"] / b["images_per_s"]
                     for a, b in zip(runs[m], runs[base], strict=True)
                 )
-                ratios[f"{m}/{base}"] = pairs[len(pairs) // 2]
+                ratios[f"{m}/{base}"] = statistics.median(pairs)
                 spread[f"{m}/{base}"] = (pairs[0], pairs[-1])
     for k, v in ratios.items():
         lo, hi = spread[k]
