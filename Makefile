@@ -77,8 +77,8 @@ bench: $(VENV)/.installed ## CPU benchmarks: training and serving (tiny); figure
 bench-small: $(VENV)/.installed ## CPU training benchmark, SD 1.5 at quarter width (about 3 min)
 	$(PY) scripts/bench_train.py --arch small --rounds 5 --modes plain,cvgen,cvgen-cache --flops --json benchmarks/train-cpu-small.json
 
-bench-mid: $(VENV)/.installed ## CPU training benchmark on the mid-size UNet (about 5 min)
-	$(PY) scripts/bench_train.py --arch mid --steps 4 --warmup 1 --flops --fresh-cache --json benchmarks/train-cpu-mid.json
+bench-mid: $(VENV)/.installed ## CPU training benchmark on a UNet-heavy mid-size model (about 6 min)
+	$(PY) scripts/bench_train.py --arch mid --steps 4 --warmup 1 --rounds 2 --modes plain,cvgen,cvgen-cache --flops --json benchmarks/train-cpu-mid.json
 
 bench-gpu: $(VENV)/.installed ## every GPU measurement (SD 1.5 arch, 512 px, bf16), under 8 min
 	PY=$(PY) scripts/bench_gpu.sh
