@@ -1,4 +1,5 @@
-"""Multi-process DDP on CPU (gloo), text-encoder LoRA included: no unused-parameter errors."""
+"""Multi-process DDP on CPU (gloo), text-encoder LoRA and EMA included: no unused-parameter
+errors, no hang."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def test_ddp_two_processes_with_text_encoder_lora(
         "0",
         "--model.train_text_encoder",
         "true",
+        "--model.ema_decay",
+        "0.9",
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
@@ -51,3 +54,7 @@ def test_ddp_two_processes_with_text_encoder_lora(
     for prefix in ("unet.", "text_encoder."):
         ups = [v for k, v in lora.items() if k.startswith(prefix) and ".up.weight" in k]
         assert ups and any(torch.count_nonzero(v) > 0 for v in ups), prefix
+    # the EMA of the LoRA weights (the export is the average, taken on rank 0 only)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["cvgen_ema"]["updates"] == 3
+    assert set(ckpt["cvgen_ema"]["weights"]) == set(ckpt["state_dict"])
