@@ -188,8 +188,13 @@ class LoRADiffusion(pl.LightningModule):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def precision_name(self) -> str:
+        """The trainer's precision setting (``32-true`` without a trainer)."""
+        return str(self.trainer.precision) if self._trainer is not None else "32-true"
+
     def setup(self, stage: str) -> None:
-        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        precision = self.precision_name
         if precision.endswith("-true") and precision not in ("32-true", "64-true"):
             raise ValueError(
                 f"precision {precision!r} would cast the LoRA weights too; use "
@@ -450,9 +455,8 @@ class LoRADiffusion(pl.LightningModule):
             # them (CPU, small model: 5.4 ms -> 0.9 ms per step); same update, same state.
             # Lightning's mixed-precision plugins refuse gradient clipping with a fused
             # optimizer (it would unscale internally), so mixed precision keeps foreach.
-            precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
             devices = {p.device.type for g in groups for p in g["params"]}
-            fused = "mixed" not in precision and devices <= {"cpu", "cuda"}
+            fused = "mixed" not in self.precision_name and devices <= {"cpu", "cuda"}
             optimizer = torch.optim.AdamW(
                 groups, weight_decay=hp.weight_decay, fused=fused or None, foreach=not fused
             )
