@@ -56,7 +56,7 @@ class LoRAExport(Callback):
             "data_version": getattr(getattr(trainer, "datamodule", None), "data_version", None),
         }
         te = module.text_encoder if module.te_spec is not None else None
-        ema = getattr(module, "ema", None)
+        ema = module.ema
         if ema is not None and ema.ready:
             info["ema"] = {"decay": ema.decay, "updates": ema.updates}
         with module.ema_weights():  # the averaged weights when EMA is on
