@@ -61,8 +61,7 @@ def _write_csv(path: Path, header: tuple[str, str], rows: list[tuple[int, float]
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from cvgen.data.datamodule import split_records
-    from cvgen.data.metadata import read_metadata
+    from cvgen.data.metadata import read_metadata, split_records
     from cvgen.data.version import find_data_version
     from cvgen.fsutil import atomic_write_text
     from cvgen.images import make_grid, open_image, resize_and_crop, save_image_atomic

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cvgen.data.datamodule import PortraitDataModule, split_records
-from cvgen.data.metadata import DataError, read_metadata
+from cvgen.data.datamodule import PortraitDataModule
+from cvgen.data.metadata import DataError, read_metadata, split_records
 
 
 def make_set(root: Path, rows: list, images: tuple[str, ...] = ("a.jpg", "b.jpg")) -> Path:

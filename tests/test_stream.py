@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvgen.data.datamodule import PortraitDataModule, split_records
-from cvgen.data.metadata import DataError, read_metadata
+from cvgen.data.datamodule import PortraitDataModule
+from cvgen.data.metadata import DataError, read_metadata, split_records
 from cvgen.data.stream import (
     StreamingPortraitDataset,
     is_stream_root,

@@ -3,7 +3,6 @@ local or s3:// / gs://), with a held-out split and the DVC version of the data."
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -13,40 +12,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from cvgen.data.buckets import make_buckets, nearest_bucket
 from cvgen.data.dataset import PortraitDataset, collate, image_size
-from cvgen.data.metadata import DataError, Record, read_metadata
+from cvgen.data.metadata import DataError, Record, read_metadata, split_records
 from cvgen.data.sampler import BucketBatchSampler, ResumableDataLoader
 from cvgen.data.stream_layout import is_stream_root, stream_dirs
 from cvgen.data.version import find_data_version
 
 if TYPE_CHECKING:  # litdata is imported only when streaming
     from cvgen.data.stream import StreamingPortraitDataset
-
-
-def split_records(
-    records: list[Record], val_fraction: float, max_val: int | None = None
-) -> tuple[list[Record], list[Record]]:
-    """Split into (train, validation). A record's ``split`` field decides where given;
-    the others are held out by a stable hash of their file name, so the split does not change
-    when photos are added or reordered. With ``val_fraction > 0`` at least one photo is held
-    out (when there are two or more)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    pinned_val = [r for r in records if r.split == "validation"]
-    pinned_train = [r for r in records if r.split == "train"]
-    free = [r for r in records if r.split is None]
-    want = round(len(records) * val_fraction)
-    if val_fraction > 0 and len(records) >= 2:
-        want = max(want, 1)
-    if max_val is not None:
-        want = min(want, max_val)
-    need = max(0, want - len(pinned_val))
-    ranked = sorted(free, key=lambda r: hashlib.sha1(r.path.name.encode()).hexdigest())
-    val_names = {r.path for r in ranked[:need]}
-    train = pinned_train + [r for r in free if r.path not in val_names]
-    val = pinned_val + [r for r in free if r.path in val_names]
-    if not train:
-        raise DataError("no training images left after the validation split")
-    return train, val
 
 
 class _Empty(Dataset):

@@ -32,7 +32,7 @@ from typing import Any
 from litdata import StreamingDataset
 
 from cvgen.data.dataset import augment
-from cvgen.data.metadata import DataError, read_metadata
+from cvgen.data.metadata import DataError, read_metadata, split_records
 from cvgen.data.stream_layout import INDEX_FILE, SPLIT_DIRS, is_remote, is_stream_root, stream_dirs
 from cvgen.images import ImageError, open_image, resize_and_crop, to_tensor
 
@@ -101,8 +101,6 @@ def optimize_dataset(
     the item count per split. Every image is decoded once first, so a broken file fails here
     (naming its metadata line) instead of in the middle of a training run."""
     from litdata import optimize
-
-    from cvgen.data.datamodule import split_records
 
     records = read_metadata(src)
     for r in records:
