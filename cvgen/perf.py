@@ -12,7 +12,7 @@ Each lever is a plain function on diffusers / torch objects, switched from YAML:
 - ``flush_denormal``: flush denormal floats to zero on the CPU. Denormals turn up in (random
   or small) diffusion weights and activations and can cost many times a normal operation on
   x86 (an early random tiny model: UNet forward 2.4 s -> 0.23 s); on the current random
-  models the difference is within noise (benchmarks/README.md). Harmless either way.
+  models the difference is within noise (benchmarks/README.md), so it is opt-in.
 - ``retain_cpu_memory``: keep freed host memory in the process instead of handing it back to
   the OS after every step (glibc's ``mallopt``: a fixed 32 MiB mmap threshold and a 1 GiB trim
   threshold). Otherwise each training step on the CPU re-faults tens of thousands of fresh
@@ -28,12 +28,69 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 ATTENTION = ("sdpa", "default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+@dataclass
+class SpeedLevers:
+    """The speed levers, one set for training and serving (see the module docstring).
+
+    Args:
+        attention: ``sdpa`` (fused kernels) or ``default`` (diffusers' reference math).
+        channels_last: NHWC memory format for the UNet and VAE convolutions.
+        compile_unet: ``torch.compile`` the UNet in place (the first calls are slower).
+        compile_mode: ``default``, ``reduce-overhead`` (CUDA graphs) or ``max-autotune``.
+        allow_tf32: TF32 matmuls and convolutions on CUDA (Ampere and newer); no effect on CPU.
+        flush_denormal: flush denormal floats to zero on the CPU (opt-in: within noise on the
+            current models).
+        retain_cpu_memory: keep freed host memory in the process (glibc): saves the page faults
+            that cost ~10% of a CPU training step; process-wide and permanent.
+    """
+
+    attention: str = "sdpa"
+    channels_last: bool = False
+    compile_unet: bool = False
+    compile_mode: str = "default"
+    allow_tf32: bool = True
+    flush_denormal: bool = False
+    retain_cpu_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"
+            )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
+
+    def apply(self, unet: Any, others: tuple[torch.nn.Module, ...] = (), cpu: bool = True) -> str:
+        """Apply every lever to ``unet`` (``others``, e.g. the VAE, get ``channels_last``) and
+        the process (TF32; on the CPU flush-denormal and retained memory); returns one line
+        saying what is on, for the log."""
+        set_tf32(self.allow_tf32)
+        flushing = cpu and self.flush_denormal and set_flush_denormal(True)
+        retained = cpu and retain_cpu_memory(self.retain_cpu_memory)
+        done = apply_unet_levers(
+            unet,
+            attention=self.attention,
+            channels_last=self.channels_last,
+            compile_unet=self.compile_unet,
+            compile_mode=self.compile_mode,
+            others=others,
+        )
+        return (
+            f"{', '.join(done) or 'none'}, tf32={self.allow_tf32}, "
+            f"flush_denormal={bool(flushing)}, retain_cpu_memory={bool(retained)}"
+        )
 
 
 def set_attention(model: Any, kind: str) -> None:
