@@ -22,6 +22,7 @@ TRAIN_PACKAGES = frozenset(
 )
 # command -> module with add_parser(subparsers) that sets `func` on its parser
 TOOLS = {
+    "init": "cvgen.commands.init",
     "model": "cvgen.commands.model",
     "data": "cvgen.commands.data",
     "serve": "cvgen.serve.cli",
@@ -37,6 +38,7 @@ Training (LightningCLI; `cvgen fit --help` for every option):
   predict    img2img on the held-out photos
 
 Tools:
+  init       a working folder:        cvgen init DIR   (the shipped configs in DIR/configs/)
   model      build models:            cvgen model random --arch tiny --out models/tiny
   data       datasets:                cvgen data sample --out data/sample
   serve      HTTP img2img server:     cvgen serve --config configs/serve.yaml
