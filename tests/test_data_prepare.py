@@ -422,3 +422,17 @@ def test_prepare_refuses_non_public_addresses_unless_allowed(
         assert reasons(tmp_path / "range") == {"to-metadata": "blocked_address"}
         assert other.hits == {"/photo.jpg": 1}  # type: ignore[attr-defined]
         assert len(read_metadata(tmp_path / "range")) == 2
+
+
+def test_allow_network_must_be_a_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cvgen.cli import main
+
+    args = ["data", "prepare", "--src", str(tmp_path), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--allow-network", "10.0.0.0/33"])
+    assert e.value.code == 2
+    assert "--allow-network: '10.0.0.0/33' is not an IP network" in capsys.readouterr().err
+    with pytest.raises(DataError, match="allow_networks: 'intranet' is not an IP network"):
+        HttpConfig(allow_networks=("intranet",))
