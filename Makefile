@@ -9,7 +9,7 @@ PY := $(BIN)/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve data/portraits repro data-push bench bench-small bench-mid bench-gpu gpu-train-check
+.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve data/raw repro data-push bench bench-small bench-mid bench-gpu gpu-train-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_/.-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -33,10 +33,10 @@ models/tiny: $(VENV)/.installed ## build the tiny random SD model
 data/sample: $(VENV)/.installed ## write the embedded sample portraits
 	@test -f data/sample/metadata.jsonl || $(BIN)/cvgen data sample --out data/sample
 
-data/portraits: $(VENV)/.installed ## face-crop the sample portraits into the DVC-tracked set
-	@test -f data/portraits/metadata.jsonl || DVC_NO_ANALYTICS=1 $(BIN)/dvc pull data.dvc 2>/dev/null || { $(BIN)/cvgen data sample --out data/raw --size 512 && $(BIN)/cvgen data prepare --src data/raw --out data/portraits --resolution 256; }
+data/raw: $(VENV)/.installed ## the source photos data.dvc tracks: dvc pull, or rebuilt from the embedded sample portraits
+	@test -f data/raw/metadata.jsonl || DVC_NO_ANALYTICS=1 $(BIN)/dvc pull data.dvc 2>/dev/null || $(BIN)/cvgen data sample --out data/raw --size 512
 
-repro: $(VENV)/.installed ## run the DVC pipeline: sample -> prepare -> fit -> evaluate
+repro: data/raw ## run the DVC pipeline (model, prepare -> fit -> evaluate) and refresh dvc.lock
 	PATH=$(CURDIR)/$(BIN):$$PATH DVC_NO_ANALYTICS=1 $(BIN)/dvc repro
 	DVC_NO_ANALYTICS=1 $(BIN)/dvc metrics show
 

@@ -3,6 +3,7 @@ face detection and the head-and-shoulders crop on the embedded sample portraits,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
@@ -26,12 +27,14 @@ CFG = dict(resolution=64, min_size=64, workers=4)
 
 
 def fast_http(**kw: float) -> HttpConfig:
+    """Short timeouts; loopback allowed (the test servers listen on 127.0.0.1)."""
     return HttpConfig(
         connect_timeout=2.0,
         read_timeout=kw.get("read_timeout", 2.0),
         retries=int(kw.get("retries", 1)),
         backoff=0.01,
         max_bytes=int(kw.get("max_bytes", 5 * 2**20)),
+        allow_networks=("127.0.0.1/32",),
     )
 
 
@@ -289,6 +292,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(503)
             self.end_headers()
             return
+        if route in srv.redirects:  # type: ignore[attr-defined]
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[route])  # type: ignore[attr-defined]
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if route in ("/photo.jpg", "/flaky"):
             self._send(200, "image/jpeg", srv.photo)  # type: ignore[attr-defined]
         elif route == "/page.html":
@@ -308,19 +317,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture()
-def server(portrait: bytes) -> Iterator[ThreadingHTTPServer]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+@contextlib.contextmanager
+def serving(host: str, photo: bytes) -> Iterator[ThreadingHTTPServer]:
+    """A photo server on ``host`` (a loopback address) that counts requests per path."""
+    srv = ThreadingHTTPServer((host, 0), _Handler)
     srv.daemon_threads = True
     srv.hits = {}  # type: ignore[attr-defined]
     srv.stop = threading.Event()  # type: ignore[attr-defined]
-    srv.photo = portrait  # type: ignore[attr-defined]
+    srv.photo = photo  # type: ignore[attr-defined]
+    srv.redirects = {}  # type: ignore[attr-defined]
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
-    yield srv
-    srv.stop.set()  # type: ignore[attr-defined]
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.stop.set()  # type: ignore[attr-defined]
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture()
+def server(portrait: bytes) -> Iterator[ThreadingHTTPServer]:
+    with serving("127.0.0.1", portrait) as srv:
+        yield srv
 
 
 def test_urls_failures_are_reported_and_never_stop_the_others(
@@ -351,3 +370,69 @@ def test_urls_failures_are_reported_and_never_stop_the_others(
     assert hits["/flaky"] == 2  # a 503 is retried and the second answer is used
     [rec] = read_metadata(tmp_path / "out")
     assert rec.text == "portrait photo.jpg"
+
+
+def test_prepare_refuses_non_public_addresses_unless_allowed(
+    server: ThreadingHTTPServer, raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Loopback, private and metadata addresses are refused, for the URL and for each redirect,
+    unless ``--allow-network`` names their network (SSRF)."""
+    from cvgen.cli import main
+
+    other_photo = (raw / "images" / "collins-full.jpg").read_bytes()
+    with serving("127.0.0.2", other_photo) as other:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        server.redirects.update(  # type: ignore[attr-defined]
+            {
+                "/to-other-loopback": f"http://127.0.0.2:{other.server_address[1]}/photo.jpg",
+                "/to-metadata": "http://169.254.169.254/latest/meta-data/",
+            }
+        )
+        names = ["photo.jpg", "to-other-loopback", "to-metadata"]
+        listing = write_jsonl(
+            tmp_path / "urls.jsonl",
+            [{"url": f"{base}/{n}", "caption": f"a portrait, {n}"} for n in names],
+        )
+
+        def run(out: str, *allow: str) -> int:
+            flags = [x for net in allow for x in ("--allow-network", net)]
+            args = ["data", "prepare", "--src", str(listing), "--out", str(tmp_path / out)]
+            return main([*args, "--resolution", "64", "--min-size", "64", "--no-progress", *flags])
+
+        # nothing allowed: every row refused before any connection
+        assert run("none") == 2
+        assert "no photo passed" in capsys.readouterr().err
+        assert reasons(tmp_path / "none") == dict.fromkeys(names, "blocked_address")
+        assert server.hits == {} and other.hits == {}  # type: ignore[attr-defined]
+        detail = json.loads((tmp_path / "none" / "rejected.jsonl").read_text().splitlines()[0])
+        assert "127.0.0.1" in detail["detail"] and "--allow-network" in detail["detail"]
+
+        # the first host allowed, but not the addresses its redirects point to
+        assert run("host", "127.0.0.1/32") == 0
+        assert reasons(tmp_path / "host") == {
+            "to-other-loopback": "blocked_address",
+            "to-metadata": "blocked_address",
+        }
+        assert other.hits == {}  # type: ignore[attr-defined]
+        rejected = (tmp_path / "host" / "rejected.jsonl").read_text()
+        assert "redirects to http://127.0.0.2:" in rejected and "(169.254.169.254)" in rejected
+
+        # the whole loopback range: the redirect is followed; metadata stays refused
+        assert run("range", "127.0.0.0/8") == 0
+        assert reasons(tmp_path / "range") == {"to-metadata": "blocked_address"}
+        assert other.hits == {"/photo.jpg": 1}  # type: ignore[attr-defined]
+        assert len(read_metadata(tmp_path / "range")) == 2
+
+
+def test_allow_network_must_be_a_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cvgen.cli import main
+
+    args = ["data", "prepare", "--src", str(tmp_path), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--allow-network", "10.0.0.0/33"])
+    assert e.value.code == 2
+    assert "--allow-network: '10.0.0.0/33' is not an IP network" in capsys.readouterr().err
+    with pytest.raises(DataError, match="allow_networks: 'intranet' is not an IP network"):
+        HttpConfig(allow_networks=("intranet",))

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -87,28 +88,81 @@ def test_dvc_round_trip_through_a_local_remote(
 def test_repo_dvc_files(repo_root: Path) -> None:
     data_dvc = yaml.safe_load((repo_root / "data.dvc").read_text())
     [out] = data_dvc["outs"]
-    assert out["path"] == "data/portraits" and out["md5"].endswith(".dir")
+    # data.dvc tracks the source photos; the pipeline derives everything else from them
+    assert out["path"] == "data/raw" and out["md5"].endswith(".dir")
     config = (repo_root / ".dvc" / "config").read_text()
     assert "remote = local" in config and "url = ../.dvc-remote" in config  # offline default
     pipeline = yaml.safe_load((repo_root / "dvc.yaml").read_text())
     stages = pipeline["stages"]
-    assert list(stages) == ["sample", "model", "prepare", "fit", "evaluate"]
+    assert list(stages) == ["model", "prepare", "fit", "evaluate"]
+    assert "data/raw" in stages["prepare"]["deps"]
     assert "${fit.config}" in stages["fit"]["deps"] and "data/prepared" in stages["fit"]["deps"]
     assert "cvgen data prepare" in stages["prepare"]["cmd"]
     assert any("eval/metrics.json" in m for m in stages["evaluate"]["metrics"])
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     assert (repo_root / params["fit"]["config"]).is_file()
-    # the committed pipeline prepared exactly the data that data.dvc tracks (same md5)
+    # the committed lock prepared the photos data.dvc tracks, and the metrics name that data
     lock = yaml.safe_load((repo_root / "dvc.lock").read_text())
-    prepared = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"]
-    assert prepared[0]["md5"] == out["md5"]
+    raw = next(d for d in lock["stages"]["prepare"]["deps"] if d["path"] == "data/raw")
+    assert raw["md5"] == out["md5"]
+    prepared = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
     metrics = json.loads((repo_root / "eval" / "metrics.json").read_text())
-    assert metrics["data_version"] == out["md5"] and metrics["val_loss"] > 0
+    assert metrics["data_version"] == prepared["md5"] and metrics["val_loss"] > 0
+
+
+def stale_stages(repo_root: Path, env: dict[str, str]) -> list[str]:
+    """What makes dvc.lock disagree with the code and parameters in the workspace.
+
+    ``dvc status`` compares each stage's deps, params and command with the lock. Data that
+    stages produce (and the photos data.dvc tracks) is left out there, since a fresh clone does
+    not have it; instead, each stage's input data must have the md5 that the stage or .dvc
+    file producing it records, so the lock agrees with itself.
+    """
+    lock = yaml.safe_load((repo_root / "dvc.lock").read_text())
+    made: dict[str, tuple[str, str]] = {}  # path -> (md5, who records it)
+    for name, stage in lock["stages"].items():
+        for o in stage.get("outs", []):
+            made[o["path"]] = (o["md5"], f"stage {name!r}")
+    for o in yaml.safe_load((repo_root / "data.dvc").read_text())["outs"]:
+        made[o["path"]] = (o["md5"], "data.dvc")
+    defined = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    stale = [
+        f"stage {name!r}: in dvc.lock but no longer in dvc.yaml"
+        for name in lock["stages"]
+        if name not in defined
+    ]
+    status = json.loads(run(["dvc", "status", "--json"], repo_root, env) or "{}")
+    for name, changes in status.items():
+        if name.endswith(".dvc"):
+            continue  # the tracked photos themselves: absent from a fresh clone
+        for change in changes:
+            if change == "changed command":
+                stale.append(f"stage {name!r}: its command changed")
+            elif isinstance(change, dict):
+                for path, what in change.get("changed deps", {}).items():
+                    if path not in made:
+                        stale.append(f"stage {name!r}: {path} {what}")
+    for name, stage in lock["stages"].items():
+        for dep in stage.get("deps", []):
+            if dep["path"] in made and dep.get("md5") != made[dep["path"]][0]:
+                stale.append(
+                    f"stage {name!r}: its {dep['path']} is not the one {made[dep['path']][1]} records"
+                )
+    return stale
+
+
+def test_dvc_lock_is_current(repo_root: Path, env: dict[str, str]) -> None:
+    """dvc.lock matches the code, parameters and commands of dvc.yaml: a fresh clone's
+    `dvc repro` would rebuild exactly what the lock says, not run stages that look changed."""
+    stale = stale_stages(repo_root, env)
+    assert not stale, "dvc.lock is stale; run `make repro` and commit dvc.lock:\n" + "\n".join(
+        stale
+    )
 
 
 def test_dvc_understands_the_pipeline(repo_root: Path, env: dict[str, str]) -> None:
     listed = run(["dvc", "stage", "list"], repo_root, env)
-    for name in ("sample", "model", "prepare", "fit", "evaluate"):
+    for name in ("model", "prepare", "fit", "evaluate"):
         assert name in listed
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo_root, env))
     assert "val_loss" in json.dumps(shown)
@@ -116,18 +170,37 @@ def test_dvc_understands_the_pipeline(repo_root: Path, env: dict[str, str]) -> N
 
 @pytest.mark.slow
 def test_dvc_repro_end_to_end(repo_root: Path, tmp_path: Path, env: dict[str, str]) -> None:
-    """`dvc repro` in a fresh clone of the committed repo: sample -> prepare -> fit -> evaluate."""
+    """A fresh clone of the committed repo: rebuild the source photos as `make data/raw` does
+    without a remote, check they are the ones data.dvc tracks, then `dvc repro`
+    (model, prepare -> fit -> evaluate) must reproduce the committed lock."""
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo_root), str(clone)], tmp_path, env)
-    run(["dvc", "repro", "--force"], clone, env, timeout=1200)
+    committed = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    assert stale_stages(clone, env) == []
+    cvgen = str(Path(sys.executable).parent / "cvgen")
+    run([cvgen, "data", "sample", "--out", "data/raw", "--size", "512"], clone, env)
+    # recording the rebuilt photos in DVC's cache leaves data.dvc as it was: the same md5
+    tracked = (clone / "data.dvc").read_text()
+    run(["dvc", "commit", "-f", "-q", "data.dvc"], clone, env)
+    assert (clone / "data.dvc").read_text() == tracked
+    assert json.loads(run(["dvc", "status", "--json", "data.dvc"], clone, env) or "{}") == {}
+    run(["dvc", "repro"], clone, env, timeout=1200)
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    for name in ("model", "prepare"):  # deterministic stages: the same outputs, byte for byte
+        assert lock[name] == committed[name], name
+    run_dirs = {o["path"] for o in lock["fit"]["outs"]}  # a run folder holds timestamps
+
+    def inputs(stage: dict[str, Any]) -> tuple[object, object]:
+        return [d for d in stage["deps"] if d["path"] not in run_dirs], stage["params"]
+
+    for name in ("fit", "evaluate"):  # the same code, data and parameters
+        assert inputs(lock[name]) == inputs(committed[name]), name
+    assert json.loads(run(["dvc", "status", "--json"], clone, env) or "{}") == {}
+    prepared = next(o for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
     metrics = json.loads((clone / "eval" / "metrics.json").read_text())
-    lock = yaml.safe_load((clone / "dvc.lock").read_text())
-    prepared = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
     assert metrics["data_version"] == prepared["md5"]
     assert metrics["held_out_images"] == 2 and metrics["val_loss"] > 0
     lora_info = json.loads((clone / "runs" / "dvc" / "lora" / "cvgen_lora.json").read_text())
     assert lora_info["data_version"] == prepared["md5"]
-    data_dvc = yaml.safe_load((clone / "data.dvc").read_text())
-    assert data_dvc["outs"][0]["md5"] == prepared["md5"]  # prepare is reproducible
     shown = run(["dvc", "plots", "show", "--json"], clone, env)
     assert "train_loss" in shown

@@ -14,8 +14,14 @@ import pytest
 
 from cvgen.errors import CVGenError
 from cvgen.lora import DIFFUSERS_WEIGHT_NAME
+from cvgen.netfetch import (
+    FetchError,
+    address_allowed,
+    fetch_image_bytes,
+    fetch_image_bytes_sync,
+    parse_networks,
+)
 from cvgen.serve.config import ServeConfig, load_config
-from cvgen.serve.fetch import address_allowed, fetch_image_bytes, parse_networks
 from cvgen.serve.schema import ClientError, check_image_sources, parse_params
 from cvgen.serve.wandb_lora import parse_ref, resolve_lora
 
@@ -198,9 +204,9 @@ def _fetch(url: str, allow: list[str], **kw: Any) -> bytes:
 
 
 def test_fetch_refuses_loopback_without_allowlist(local_http: str) -> None:
-    with pytest.raises(ClientError) as e:
+    with pytest.raises(FetchError) as e:
         _fetch(local_http + "/img", [])
-    assert e.value.status == 403 and e.value.field == "image_url"
+    assert e.value.reason == "blocked_address" and "127.0.0.1" in e.value.message
 
 
 def test_fetch_with_allowlist_and_redirect(local_http: str) -> None:
@@ -209,26 +215,44 @@ def test_fetch_with_allowlist_and_redirect(local_http: str) -> None:
 
 
 def test_fetch_rechecks_every_redirect(local_http: str) -> None:
-    with pytest.raises(ClientError, match=r"169\.254\.169\.254"):
+    with pytest.raises(FetchError, match=r"169\.254\.169\.254") as e:
         _fetch(local_http + "/to-metadata", ["127.0.0.1/32"])
-    with pytest.raises(ClientError, match="redirects"):
+    assert e.value.reason == "blocked_address"
+    with pytest.raises(FetchError, match="redirects") as e:
         _fetch(local_http + "/loop", ["127.0.0.1/32"], max_redirects=2)
+    assert e.value.reason == "too_many_redirects"
 
 
 def test_fetch_caps_size_and_status(local_http: str) -> None:
-    with pytest.raises(ClientError, match="larger than 1000"):
+    with pytest.raises(FetchError, match="larger than 1000") as e:
         _fetch(local_http + "/big", ["127.0.0.1/32"], max_bytes=1000)
-    with pytest.raises(ClientError, match="404"):
+    assert e.value.reason == "too_large"
+    with pytest.raises(FetchError, match="404") as e:
         _fetch(local_http + "/missing", ["127.0.0.1/32"])
+    assert e.value.reason == "http_404" and not e.value.transient
+
+
+def test_fetch_sync_entry_point(local_http: str) -> None:
+    """The thread-friendly wrapper runs the same checks (prepare's worker pool uses it)."""
+    nets = parse_networks(["127.0.0.1/32"])
+    assert fetch_image_bytes_sync(local_http + "/hop", nets, timeout=5) == b"x" * 100
+    with pytest.raises(FetchError) as e:
+        fetch_image_bytes_sync(local_http + "/img", [], timeout=5)
+    assert e.value.reason == "blocked_address"
 
 
 @pytest.mark.parametrize(
     "url", ["ftp://example.com/a.jpg", "file:///etc/passwd", "http://user:pw@8.8.8.8/", "http://"]
 )
 def test_fetch_refuses_bad_urls(url: str) -> None:
-    with pytest.raises(ClientError) as e:
+    with pytest.raises(FetchError) as e:
         _fetch(url, [])
-    assert e.value.status == 422
+    assert e.value.reason == "bad_url"
+
+
+def test_parse_networks_names_the_bad_entry() -> None:
+    with pytest.raises(ValueError, match=r"'10\.0\.0\.0/33' is not an IP network"):
+        parse_networks(["10.0.0.0/8", "10.0.0.0/33"])
 
 
 # --- wandb:// LoRA references (a fake W&B API: no network) -------------------------------

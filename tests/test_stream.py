@@ -9,12 +9,8 @@ import torch
 
 from cvgen.data.datamodule import PortraitDataModule
 from cvgen.data.metadata import DataError, read_metadata, split_records
-from cvgen.data.stream import (
-    StreamingPortraitDataset,
-    is_stream_root,
-    optimize_dataset,
-    stream_dirs,
-)
+from cvgen.data.stream import StreamingPortraitDataset, optimize_dataset
+from cvgen.data.stream_layout import is_stream_root, stream_dirs
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ def _add_prepare(dsub: Any) -> None:
         help="download, check, face-crop and de-duplicate photos into a dataset folder",
         description="Build a dataset folder (images + metadata.jsonl, rejected.jsonl, "
         "summary.json) from a CSV/JSONL list of (url or path, caption) or a folder with "
-        ".txt sidecars or its own metadata.jsonl. Re-running skips finished rows.",
+        ".txt sidecars or its own metadata.jsonl. Re-running skips finished rows; a killed "
+        "run, run again, resumes where it stopped.",
     )
     p.add_argument("--src", required=True, help="CSV, JSONL or folder")
     p.add_argument("--out", required=True, help="output dataset folder")
@@ -77,7 +78,22 @@ def _add_prepare(dsub: Any) -> None:
         "--retries", type=int, default=h.retries, help="HTTP retries after the first try"
     )
     p.add_argument(
+        "--deadline",
+        type=float,
+        default=h.deadline,
+        help="seconds for one whole download attempt, redirects included",
+    )
+    p.add_argument(
         "--max-mb", type=float, default=h.max_bytes / 2**20, help="largest download (MiB)"
+    )
+    p.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        type=_network,
+        metavar="CIDR",
+        help="fetch from this network although it is not public (repeatable); by default "
+        "URLs and redirects to loopback, private, link-local and metadata addresses are refused",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
@@ -100,6 +116,16 @@ def _add_optimize(dsub: Any) -> None:
     p.add_argument("--chunk-bytes", default="64MB", help="chunk size")
     p.add_argument("--workers", type=int, default=1, help="optimize worker processes")
     p.set_defaults(func=_optimize)
+
+
+def _network(text: str) -> str:
+    from cvgen.netfetch import parse_networks
+
+    try:
+        parse_networks([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -130,7 +156,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from cvgen.data.prepare import REJECTED_FILE, PrepareConfig, prepare
 
     http = HttpConfig(
-        read_timeout=args.timeout, retries=args.retries, max_bytes=int(args.max_mb * 2**20)
+        read_timeout=args.timeout,
+        deadline=args.deadline,
+        retries=args.retries,
+        max_bytes=int(args.max_mb * 2**20),
+        allow_networks=tuple(args.allow_network),
     )
     cfg = PrepareConfig(
         resolution=args.resolution,

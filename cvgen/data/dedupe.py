@@ -13,8 +13,6 @@ import hashlib
 import numpy as np
 from PIL import Image
 
-HASH_BITS = 64
-
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -1,6 +1,7 @@
-"""Fetching photos over HTTP(S) with httpx: timeouts, retries with backoff, a size cap,
-content-type and magic-byte checks. One shared client; callers bound the concurrency
-(``cvgen.data.prepare`` runs rows in a thread pool)."""
+"""Fetching photos for ``cvgen data prepare``: the SSRF-safe fetcher of :mod:`cvgen.netfetch`
+plus retries with backoff, a content-type check and a magic-byte check. Callers bound the
+concurrency (``cvgen.data.prepare`` runs rows in a thread pool; each fetch runs on its own
+event loop in its worker thread)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import random
 import time
 from dataclasses import dataclass
 
-import httpx
+from cvgen.data.metadata import DataError
+from cvgen.netfetch import FetchError, IPNetwork, fetch_image_bytes_sync, parse_networks
 
 # leading bytes of the image formats cvgen accepts
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -20,17 +22,8 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
 )
-# responses worth another try; other 4xx are final
-RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-class FetchError(Exception):
-    """A photo could not be fetched; ``reason`` is a short code for the rejection report."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+# Content-Type prefixes accepted for photos (a missing header passes; the bytes decide)
+IMAGE_TYPES = ("image/", "application/octet-stream")
 
 
 def sniff_image(data: bytes) -> str | None:
@@ -60,74 +53,68 @@ class HttpConfig:
     Args:
         connect_timeout: seconds to connect.
         read_timeout: seconds to wait for each piece of the response.
+        deadline: seconds for one whole attempt, redirects and body included.
         retries: further attempts after a timeout, a connection error or a 408/429/5xx.
         backoff: first wait between attempts in seconds; doubles each time (with jitter).
         max_bytes: largest accepted response body.
+        max_redirects: redirects followed per URL (each hop's address is checked again).
+        allow_networks: networks (CIDR) fetched from although not public; by default
+            loopback, private, link-local (cloud metadata) and other non-public addresses
+            are refused, for the URL and for every redirect.
         user_agent: the User-Agent header.
     """
 
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    deadline: float = 120.0
     retries: int = 3
     backoff: float = 0.5
     max_bytes: int = 30 * 1024 * 1024
-    user_agent: str = "cvgen-data-prepare/0.1 (+https://github.com/)"
+    max_redirects: int = 5
+    allow_networks: tuple[str, ...] = ()
+    user_agent: str = "cvgen-data-prepare/0.1"
+
+    def __post_init__(self) -> None:
+        try:
+            self.networks: list[IPNetwork] = parse_networks(self.allow_networks)
+        except ValueError as e:
+            raise DataError(f"allow_networks: {e}") from None
 
 
-def make_client(cfg: HttpConfig, max_connections: int = 8) -> httpx.Client:
-    """An httpx client (thread-safe) with ``cfg``'s timeouts and a bounded connection pool."""
-    return httpx.Client(
-        timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
-        follow_redirects=True,
-        headers={"User-Agent": cfg.user_agent, "Accept": "image/*"},
-    )
-
-
-def _fetch_once(client: httpx.Client, url: str, cfg: HttpConfig) -> bytes:
-    with client.stream("GET", url) as resp:
-        if resp.status_code >= 400:
-            raise FetchError(f"http_{resp.status_code}", f"{url}: HTTP {resp.status_code}")
-        ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and not ctype.startswith("image/") and ctype != "application/octet-stream":
-            raise FetchError("bad_content_type", f"{url}: content-type {ctype!r} is not an image")
-        length = resp.headers.get("content-length")
-        if length and length.isdigit() and int(length) > cfg.max_bytes:
-            raise FetchError("too_large", f"{url}: {length} bytes is over the {cfg.max_bytes} cap")
-        chunks: list[bytes] = []
-        total = 0
-        for chunk in resp.iter_bytes():
-            total += len(chunk)
-            if total > cfg.max_bytes:
-                raise FetchError("too_large", f"{url}: over the {cfg.max_bytes}-byte cap")
-            chunks.append(chunk)
-    data = b"".join(chunks)
+def _fetch_once(url: str, cfg: HttpConfig) -> bytes:
+    try:
+        data = fetch_image_bytes_sync(
+            url,
+            cfg.networks,
+            max_bytes=cfg.max_bytes,
+            max_redirects=cfg.max_redirects,
+            timeout=cfg.deadline,
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            content_types=IMAGE_TYPES,
+            user_agent=cfg.user_agent,
+        )
+    except FetchError as e:
+        hint = " (--allow-network CIDR permits it)" if e.reason == "blocked_address" else ""
+        raise FetchError(e.reason, f"{url}: {e.message}{hint}") from None
     check_image_bytes(data, url)
     return data
 
 
-def fetch(client: httpx.Client, url: str, cfg: HttpConfig) -> bytes:
+def fetch(url: str, cfg: HttpConfig) -> bytes:
     """The body of ``url``, checked to be an image. Retries timeouts, connection errors and
     408/429/5xx answers with exponential backoff; raises :class:`FetchError` with a reason
-    code (``http_404``, ``timeout``, ``connection_error``, ``too_large``, ...)."""
+    code (``http_404``, ``timeout``, ``connection_error``, ``blocked_address``,
+    ``too_large``, ...)."""
     attempt = 0
     while True:
         try:
-            return _fetch_once(client, url, cfg)
+            return _fetch_once(url, cfg)
         except FetchError as e:
-            retry = e.reason.startswith("http_") and int(e.reason[5:]) in RETRY_STATUS
-            err: FetchError = e
-        except httpx.TimeoutException as e:
-            retry, err = True, FetchError("timeout", f"{url}: timed out ({type(e).__name__})")
-        except httpx.TransportError as e:
-            retry, err = True, FetchError("connection_error", f"{url}: {type(e).__name__}: {e}")
-        except httpx.HTTPError as e:  # invalid URL, too many redirects, ...
-            retry, err = False, FetchError("bad_url", f"{url}: {type(e).__name__}: {e}")
-        if not retry or attempt >= cfg.retries:
-            if attempt:
-                err.detail += f" (after {attempt + 1} attempts)"
-            raise err
+            if not e.transient or attempt >= cfg.retries:
+                if attempt:
+                    detail = f"{e.message} (after {attempt + 1} attempts)"
+                    raise FetchError(e.reason, detail) from None
+                raise
         time.sleep(cfg.backoff * (2**attempt) * (0.5 + random.random()))
         attempt += 1

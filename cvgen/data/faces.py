@@ -94,7 +94,7 @@ class FaceDetector:
         )
         boxes = [
             Box(round(x / scale), round(y / scale), round(w / scale), round(h / scale))
-            for x, y, w, h in (found if len(found) else [])
+            for x, y, w, h in found  # an empty tuple when there is no face
         ]
         return sorted(boxes, key=lambda b: -b.area)
 

@@ -63,7 +63,7 @@ def parse_line(raw: str, where: str) -> dict[str, Any] | None:
     return obj
 
 
-def read_metadata(root: str | os.PathLike[str], check_files: bool = True) -> list[Record]:
+def read_metadata(root: str | os.PathLike[str]) -> list[Record]:
     """Read ``<root>/metadata.jsonl`` into records, checking every line.
 
     Raises :class:`DataError` naming the file and the line for a missing metadata file,
@@ -87,7 +87,7 @@ def read_metadata(root: str | os.PathLike[str], check_files: bool = True) -> lis
                 raise DataError(f"{where}: {name!r} is listed again (first at line {seen[name]})")
             seen[name] = lineno
             path = root_path / name
-            if check_files and not path.is_file():
+            if not path.is_file():
                 raise DataError(f"{where}: image file {name!r} does not exist")
             extra = tuple(
                 sorted((k, v) for k, v in obj.items() if k not in ("file_name", "text", "split"))

@@ -1,33 +1,49 @@
 """``cvgen data prepare``: photos from a URL list or a folder -> a checked dataset folder.
 
-Every row is fetched (HTTP with retries, or read from disk), decoded fully, oriented, checked
-(size, decompression bombs), searched for exactly one face and cropped to head and shoulders
-at the target aspect, then de-duplicated (SHA-256 and dHash). Rows run in a bounded thread
-pool; a failed row becomes one line of ``rejected.jsonl`` and never stops the others.
+Every row is fetched (HTTP with retries and the address checks of :mod:`cvgen.netfetch`, or
+read from disk), decoded fully, oriented, checked (size, decompression bombs), searched for
+exactly one face and cropped to head and shoulders at the target aspect, then de-duplicated
+(SHA-256 and dHash). Rows run in a bounded thread pool; a failed row becomes one line of
+``rejected.jsonl`` and never stops the others.
 
 Output (every file written atomically)::
 
     DIR/images/<name>-<key>.jpg   the crops
     DIR/metadata.jsonl            {"file_name", "text", ["split"], "source", "sha256", "dhash"}
     DIR/rejected.jsonl            {"where", "source", "reason", "detail"} per rejected row
-    DIR/summary.json              counts per outcome and per rejection reason
+    DIR/summary.json              rows, accepted, and rejections per reason
 
-Re-running skips rows whose crop (same source, same settings) is already in the folder and
-removes crops that no row produces any more. The outputs depend only on the inputs and the
-settings (no timestamps), so the folder's DVC hash is reproducible.
+Resuming a killed run: while the run goes on, the main thread appends each finished row to
+``DIR/.prepare-journal.jsonl`` (one fsync'd line: an accepted row with its hashes, its crop
+already on disk, or a rejected row with its reason). A row starts only after an earlier one is
+journalled, so at most ``workers`` rows are started and not yet journalled: run the same
+command again and it redoes only those and the rows never reached. Failures that may pass on
+another try (timeouts, connection errors, HTTP 408/425/429/5xx, unexpected errors) are not
+journalled, so the resumed run tries them again; permanent rejections (HTTP 404, not an image,
+no face, a refused address, ...) are journalled and not fetched again. A journal made with other
+settings is discarded. Once the three files are written the journal is deleted: the finished
+folder is the same, byte for byte, as an uninterrupted run's.
+
+Re-running over a finished folder skips rows whose crop (same source, same crop settings) is
+listed in its metadata.jsonl, examines rejected rows again (a file may have been fixed, a server
+may be back), and removes crops that no row produces any more. The outputs depend only on the
+inputs and the settings (no timestamps, no counts of what a run reused), so the folder's DVC
+hash is reproducible.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Generator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,22 +51,20 @@ from typing import Any
 from PIL import Image
 
 from cvgen.data.dedupe import DuplicateIndex, dhash, sha256_bytes
-from cvgen.data.download import FetchError, HttpConfig, check_image_bytes, fetch, make_client
+from cvgen.data.download import HttpConfig, check_image_bytes, fetch
 from cvgen.data.faces import FaceDetector, crop_to, head_and_shoulders, output_size
+from cvgen.data.journal import open_journal
 from cvgen.data.metadata import METADATA_FILE, DataError
 from cvgen.data.sources import Row, read_source
-from cvgen.fsutil import atomic_write_text
-from cvgen.images import (
-    MAX_IMAGE_PIXELS,
-    ImageError,
-    open_image,
-    resize_and_crop,
-    save_image_atomic,
-)
+from cvgen.fsutil import atomic_write_bytes, atomic_write_text
+from cvgen.images import MAX_IMAGE_PIXELS, ImageError, jpeg_bytes, open_image, resize_and_crop
+from cvgen.netfetch import FetchError, is_transient
 
 REJECTED_FILE = "rejected.jsonl"
 SUMMARY_FILE = "summary.json"
 IMAGES_DIR = "images"
+JOURNAL_FILE = ".prepare-journal.jsonl"
+JOURNAL_VERSION = 1
 # more pixels per byte of file than any photo compresses to: a decompression bomb
 BOMB_PIXELS_PER_BYTE = 100
 
@@ -99,19 +113,35 @@ class PrepareConfig:
 
     def fingerprint(self) -> str:
         """The settings that change a crop (not timeouts or worker counts)."""
-        keys = (
-            "resolution",
-            "aspect",
-            "no_face",
-            "multiple_faces",
-            "face_fraction",
-            "quality",
-            "cascade",
-        )
-        return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return json.dumps(self._settings(_CROP_KEYS), sort_keys=True)
+
+    def outcome_settings(self) -> dict[str, Any]:
+        """The settings that decide any row's outcome: the crop's, and those that accept or
+        reject a photo. A journal written under other settings is not reused."""
+        return {
+            **self._settings((*_CROP_KEYS, "min_size", "max_pixels")),
+            "max_bytes": self.http.max_bytes,
+            "allow_networks": sorted(self.http.allow_networks),
+        }
+
+    def _settings(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in keys}
+
+
+_CROP_KEYS = (
+    "resolution",
+    "aspect",
+    "no_face",
+    "multiple_faces",
+    "face_fraction",
+    "quality",
+    "cascade",
+)
 
 
 class Rejected(Exception):
+    """A row that does not make it into the dataset, with a reason code and a detail."""
+
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
@@ -132,7 +162,8 @@ class Outcome:
 
 @dataclass
 class Summary:
-    """What a run did: counts per outcome and per rejection reason."""
+    """What a run did: counts per outcome and per rejection reason, and how many rows it took
+    from an earlier run (``reused``: from the journal of a killed run or a finished folder)."""
 
     rows: int = 0
     accepted: int = 0
@@ -140,7 +171,9 @@ class Summary:
     rejected: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What ``summary.json`` holds: facts of the dataset, not of the run (no ``reused``),
+        so a resumed run writes the same file as an uninterrupted one."""
+        return {"rows": self.rows, "accepted": self.accepted, "rejected": self.rejected}
 
 
 def output_name(row: Row, cfg: PrepareConfig) -> str:
@@ -151,12 +184,12 @@ def output_name(row: Row, cfg: PrepareConfig) -> str:
     return f"{IMAGES_DIR}/{slug}-{key}.jpg"
 
 
-def _load(row: Row, client: Any, cfg: PrepareConfig) -> bytes:
+def _load(row: Row, cfg: PrepareConfig) -> bytes:
     if row.is_url:
         try:
-            return fetch(client, row.src, cfg.http)
+            return fetch(row.src, cfg.http)
         except FetchError as e:
-            raise Rejected(e.reason, e.detail) from e
+            raise Rejected(e.reason, e.message) from e
     path = Path(row.src)
     try:
         size = path.stat().st_size
@@ -172,7 +205,7 @@ def _load(row: Row, client: Any, cfg: PrepareConfig) -> bytes:
     try:
         check_image_bytes(data, str(path))
     except FetchError as e:
-        raise Rejected(e.reason, e.detail) from e
+        raise Rejected(e.reason, e.message) from e
     return data
 
 
@@ -217,16 +250,15 @@ def frame(img: Image.Image, where: str, cfg: PrepareConfig, detector: FaceDetect
     return crop_to(img, box, size)
 
 
-def _work(
-    i: int, row: Row, out: Path, cfg: PrepareConfig, client: Any, detector: FaceDetector
-) -> Outcome:
+def _work(i: int, row: Row, out: Path, cfg: PrepareConfig, detector: FaceDetector) -> Outcome:
     res = Outcome(i, row, output_name(row, cfg))
     try:
-        data = _load(row, client, cfg)
+        data = _load(row, cfg)
         img = decode(data, row.where, cfg)
         res.sha256, res.dhash = sha256_bytes(data), dhash(img)
         crop = frame(img, row.where, cfg, detector)
-        save_image_atomic(crop, out / res.file_name, quality=cfg.quality)
+        # fsync'd: the crop is on disk before the journal says the row is done
+        atomic_write_bytes(out / res.file_name, jpeg_bytes(crop, quality=cfg.quality))
     except Rejected as e:
         res.reason, res.detail = e.reason, e.detail
     except Exception as e:  # a bug or an odd file must not stop the other rows
@@ -234,8 +266,52 @@ def _work(
     return res
 
 
+def journal_header(cfg: PrepareConfig) -> dict[str, Any]:
+    """The first line of the journal: records made under other settings are not reused."""
+    return {
+        "journal": "cvgen data prepare",
+        "version": JOURNAL_VERSION,
+        "settings": cfg.outcome_settings(),
+    }
+
+
+def _journal_record(o: Outcome) -> dict[str, Any] | None:
+    """The journal line of a finished row; None for a failure worth another try."""
+    if not o.reason:
+        return {"name": o.file_name, "sha256": o.sha256, "dhash": f"{o.dhash:016x}"}
+    if o.reason == "error" or is_transient(o.reason):
+        return None
+    return {"name": o.file_name, "where": o.row.where, "reason": o.reason, "detail": o.detail}
+
+
+def _reuse(
+    i: int, row: Row, name: str, journalled: dict[str, Any] | None, out: Path
+) -> Outcome | None:
+    """The outcome of a row from the journal or an earlier metadata.jsonl row, if still valid
+    (an accepted row's crop must still be there; a rejection must name the same row)."""
+    if journalled is None:
+        return None
+    try:
+        if "reason" in journalled:
+            if journalled["where"] != row.where:
+                return None
+            return Outcome(i, row, name, journalled["reason"], journalled["detail"], reused=True)
+        if not (out / name).is_file():
+            return None
+        return Outcome(
+            i,
+            row,
+            name,
+            sha256=str(journalled["sha256"]),
+            dhash=int(journalled["dhash"], 16),
+            reused=True,
+        )
+    except (KeyError, TypeError, ValueError):  # a record of another shape: redo the row
+        return None
+
+
 def _previous(out: Path) -> dict[str, dict[str, Any]]:
-    """Rows of an earlier run's metadata.jsonl (by file name) whose image is still there."""
+    """Rows of an earlier run's metadata.jsonl, by file name."""
     meta = out / METADATA_FILE
     rows: dict[str, dict[str, Any]] = {}
     if meta.is_file():
@@ -244,13 +320,39 @@ def _previous(out: Path) -> dict[str, dict[str, Any]]:
                 obj = json.loads(raw)
             except json.JSONDecodeError:
                 continue
-            if (
-                isinstance(obj, dict)
-                and "dhash" in obj
-                and (out / str(obj.get("file_name"))).is_file()
-            ):
-                rows[obj["file_name"]] = obj
+            if isinstance(obj, dict) and "file_name" in obj:
+                rows[str(obj["file_name"])] = obj
     return rows
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete what an atomic write of a killed run left behind (``.<name>.<random>.tmp``)."""
+    for d in (out, out / IMAGES_DIR):
+        for f in d.glob(".*.tmp"):
+            f.unlink(missing_ok=True)
+
+
+def _run(
+    todo: list[tuple[int, Row]], out: Path, cfg: PrepareConfig, detector: FaceDetector
+) -> Generator[Outcome, None, None]:
+    """Process ``todo`` ``cfg.workers`` rows at a time, yielding each outcome as it finishes.
+    A row starts only once the caller has taken an earlier outcome, so no more than
+    ``workers`` rows are ever started and not yet taken (what a kill can lose)."""
+    pending = iter(todo)
+    running: set[Future[Outcome]] = set()
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        try:
+            while True:
+                for i, row in itertools.islice(pending, cfg.workers - len(running)):
+                    running.add(pool.submit(_work, i, row, out, cfg, detector))
+                if not running:
+                    return
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    yield fut.result()
+        finally:
+            for fut in running:
+                fut.cancel()
 
 
 def prepare(
@@ -260,15 +362,18 @@ def prepare(
     progress: bool = True,
 ) -> Summary:
     """Prepare the photos listed by ``src`` into the dataset folder ``out``; see the module
-    docstring. Raises :class:`DataError` when the source cannot be read or no photo passed."""
+    docstring (resuming included). Raises :class:`DataError` when the source cannot be read
+    or no photo passed."""
     from tqdm import tqdm
 
     cfg = cfg or PrepareConfig()
     rows = read_source(src)
     out_path = Path(out)
     (out_path / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out_path)
     previous = _previous(out_path)
-    detector = FaceDetector(cfg.cascade)
+    journal, records = open_journal(out_path / JOURNAL_FILE, journal_header(cfg))
+    journalled = {str(r.get("name")): r for r in records}
     outcomes: list[Outcome] = []
     todo: list[tuple[int, Row]] = []
     names: set[str] = set()
@@ -280,26 +385,38 @@ def prepare(
             outcomes.append(
                 Outcome(i, row, name, "duplicate", f"{row.where}: {row.src} is listed again")
             )
-        elif name in previous:
-            prev = previous[name]
-            outcomes.append(
-                Outcome(
-                    i, row, name, sha256=prev["sha256"], dhash=int(prev["dhash"], 16), reused=True
-                )
-            )
+        elif done := (
+            _reuse(i, row, name, journalled.get(name), out_path)
+            or _reuse(i, row, name, previous.get(name), out_path)
+        ):
+            outcomes.append(done)
         else:
             todo.append((i, row))
         names.add(name)
-    bar = tqdm(
-        total=len(rows), desc="prepare", unit="photo", disable=not progress, initial=len(outcomes)
-    )
-    with make_client(cfg.http, cfg.workers) as client, ThreadPoolExecutor(cfg.workers) as pool:
-        futures = [pool.submit(_work, i, row, out_path, cfg, client, detector) for i, row in todo]
-        for fut in as_completed(futures):
-            outcomes.append(fut.result())
-            bar.update(1)
-    bar.close()
-    return _finish(out_path, sorted(outcomes, key=lambda o: o.index), cfg)
+    with journal:
+        detector = FaceDetector(cfg.cascade)
+        bar = tqdm(
+            total=len(rows),
+            desc="prepare",
+            unit="photo",
+            disable=not progress,
+            initial=len(outcomes),
+        )
+        with contextlib.closing(_run(todo, out_path, cfg, detector)) as results:
+            for o in results:
+                record = _journal_record(o)
+                if record is not None:
+                    journal.append(record)
+                outcomes.append(o)
+                bar.update(1)
+        bar.close()
+        summary = _finish(out_path, sorted(outcomes, key=lambda o: o.index), cfg)
+        journal.remove()  # the folder is complete
+    if not summary.accepted:
+        raise DataError(
+            f"{out_path / REJECTED_FILE}: no photo passed the checks ({summary.rejected})"
+        )
+    return summary
 
 
 def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
@@ -309,12 +426,11 @@ def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
     rejected: list[dict[str, Any]] = []
     summary = Summary(rows=len(outcomes))
     for o in outcomes:
+        summary.reused += o.reused
         if not o.reason:
             dup = index.check(o.sha256, o.dhash)
             if dup is not None:
                 o.reason, o.detail = dup[0], f"{o.row.where}: same photo as {dup[1]}"
-                if not o.reused:
-                    (out / o.file_name).unlink(missing_ok=True)
             else:
                 index.add(o.sha256, o.dhash, o.row.src)
         if o.reason:
@@ -329,18 +445,16 @@ def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
         row.update(source=o.row.src, sha256=o.sha256, dhash=f"{o.dhash:016x}")
         meta.append(row)
         summary.accepted += 1
-        summary.reused += o.reused
     summary.rejected = dict(Counter(summary.rejected).most_common())
-    keep = {m["file_name"] for m in meta}
-    for f in (out / IMAGES_DIR).iterdir():
-        if f"{IMAGES_DIR}/{f.name}" not in keep and f.is_file() and not f.name.startswith("."):
-            f.unlink()
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in meta)
     atomic_write_text(out / METADATA_FILE, lines)
     atomic_write_text(
         out / REJECTED_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
     )
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
-    if not meta:
-        raise DataError(f"{out / REJECTED_FILE}: no photo passed the checks ({summary.rejected})")
+    # crops of duplicates and of rows no longer listed go (after metadata.jsonl stops naming them)
+    keep = {m["file_name"] for m in meta}
+    for f in (out / IMAGES_DIR).iterdir():
+        if f"{IMAGES_DIR}/{f.name}" not in keep and f.is_file() and not f.name.startswith("."):
+            f.unlink()
     return summary

@@ -60,8 +60,8 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
                     batches.append(chunk)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank :: self.world_size][:per_rank]
+        # every rank gets the same number of batches (DDP steps in lockstep)
+        return batches[self.rank :: self.world_size][: len(batches) // self.world_size]
 
     def __len__(self) -> int:
         return len(self._batches(self.epoch))

@@ -33,18 +33,8 @@ from litdata import StreamingDataset
 
 from cvgen.data.dataset import augment
 from cvgen.data.metadata import DataError, read_metadata, split_records
-from cvgen.data.stream_layout import INDEX_FILE, SPLIT_DIRS, is_remote, is_stream_root, stream_dirs
+from cvgen.data.stream_layout import INDEX_FILE, is_remote
 from cvgen.images import ImageError, open_image, resize_and_crop, to_tensor
-
-__all__ = [
-    "INDEX_FILE",
-    "SPLIT_DIRS",
-    "StreamingPortraitDataset",
-    "is_remote",
-    "is_stream_root",
-    "optimize_dataset",
-    "stream_dirs",
-]
 
 
 def _encode(item: tuple[str, str, int, int]) -> dict[str, Any]:
@@ -176,7 +166,7 @@ class StreamingPortraitDataset(StreamingDataset):
     def __getitem__(self, index: Any) -> dict[str, Any]:
         item = super().__getitem__(index)
         idx = int(item["index"])
-        epoch = int(getattr(self, "current_epoch", 1))
+        epoch = int(self.current_epoch)
         try:
             img = open_image(bytes(item["image"]))  # litdata returns memoryview
         except ImageError as e:

@@ -1,11 +1,11 @@
 """Which DVC version of the data a run trains on.
 
 The version is the md5 DVC records for the tracked folder: in the ``.dvc`` file that tracks
-it (``data.dvc`` at the top of the repo for the prepared sample set), or in ``dvc.lock``
-when a pipeline stage produced it. The lookup walks up from the dataset folder to the DVC
-repo root (the folder holding ``.dvc/``) and reads those YAML files; it needs neither git nor
-a running DVC. The md5 names the folder's content exactly: ``dvc checkout`` of the same md5
-gives the same files.
+it (``data.dvc`` at the top of the repo tracks the source photos, ``data/raw``), or in
+``dvc.lock`` when a pipeline stage produced it (``data/prepared``, what training reads). The
+lookup walks up from the dataset folder to the DVC repo root (the folder holding ``.dvc/``)
+and reads those YAML files; it needs neither git nor a running DVC. The md5 names the
+folder's content exactly: ``dvc checkout`` of the same md5 gives the same files.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cvgen.data.stream_layout import is_remote
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def _outs(path: Path) -> list[tuple[str, dict[str, Any]]]:
 def find_data_version(root: str | os.PathLike[str]) -> DataVersion | None:
     """The DVC version of the dataset folder ``root``, or ``None`` when DVC does not track it
     (or a folder above it). Never raises: a missing version must not stop training."""
-    if str(root).startswith(("s3://", "gs://")):
+    if is_remote(str(root)):
         return None
     target = Path(os.path.abspath(root))
     for d in (target, *target.parents):

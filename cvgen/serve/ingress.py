@@ -22,9 +22,9 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from cvgen.images import ImageError, open_image
+from cvgen.netfetch import FetchError, fetch_image_bytes, parse_networks
 from cvgen.serve.config import ServeConfig
 from cvgen.serve.engine import prepare_image
-from cvgen.serve.fetch import fetch_image_bytes, parse_networks
 from cvgen.serve.schema import ClientError, GenParams, check_image_sources, parse_params
 
 MAX_ASPECT = 8
@@ -151,13 +151,17 @@ class Ingress:
                 raise ClientError(422, "image_url", "must be a string")
             if not self.cfg.url_fetch:
                 raise ClientError(422, "image_url", "fetching URLs is disabled on this server")
-            data = await fetch_image_bytes(
-                url,
-                self.allowlist,
-                max_bytes=self.cfg.url_max_bytes,
-                max_redirects=self.cfg.url_max_redirects,
-                timeout=self.cfg.url_timeout,
-            )
+            try:
+                data = await fetch_image_bytes(
+                    url,
+                    self.allowlist,
+                    max_bytes=self.cfg.url_max_bytes,
+                    max_redirects=self.cfg.url_max_redirects,
+                    timeout=self.cfg.url_timeout,
+                )
+            except FetchError as e:  # a refused address is 403; any other failure 422
+                status = 403 if e.reason == "blocked_address" else 422
+                raise ClientError(status, "image_url", e.message) from None
         assert data is not None
         image = await run_in_threadpool(self._decode, data, source)
         return Job(image, params, wants_json(request), request_id)
