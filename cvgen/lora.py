@@ -7,8 +7,8 @@ Files written by :func:`save_lora`:
 - ``pytorch_lora_weights.safetensors``: diffusers format, loads with
   ``pipe.load_lora_weights(folder)``; the LoRA config (rank, alpha, targets) is stored in
   the safetensors metadata so alpha survives the round trip.
-- ``pytorch_lora_weights_kohya.safetensors``: kohya format (``lora_unet_*``, ``lora_te_*``
-  with ``.alpha`` keys) that AUTOMATIC1111 and ComfyUI load natively.
+- ``pytorch_lora_weights_kohya.safetensors``: kohya format (``lora_unet_*``, ``lora_te_*``,
+  each module with its ``.alpha``) that kohya sd-scripts, AUTOMATIC1111 and ComfyUI load.
 """
 
 from __future__ import annotations
@@ -95,16 +95,26 @@ def has_lora(model: nn.Module | None) -> bool:
     return model is not None and bool(getattr(model, "peft_config", None))
 
 
-def lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's LoRA weights in diffusers key format (fp32, on the CPU)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+def peft_layers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's LoRA weights as peft names them (``<module>.lora_A.weight``; fp32, CPU)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
     return {
         k: v.detach().float().cpu().contiguous()
-        for k, v in convert_state_dict_to_diffusers(state).items()
+        for k, v in get_peft_model_state_dict(model).items()
     }
+
+
+def to_diffusers(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft-form LoRA weights (:func:`peft_layers`) in diffusers key form."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return dict(convert_state_dict_to_diffusers(layers))
+
+
+def lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's LoRA weights in diffusers key format (fp32, on the CPU)."""
+    return to_diffusers(peft_layers(model))
 
 
 def _adapter_metadata(model: nn.Module | None) -> dict[str, Any] | None:
@@ -123,14 +133,24 @@ def _alpha(model: nn.Module | None) -> float | None:
 
 
 def to_kohya(
-    diffusers_sd: dict[str, torch.Tensor], unet_alpha: float, te_alpha: float | None
+    unet_layers: dict[str, torch.Tensor],
+    unet_alpha: float,
+    te_layers: dict[str, torch.Tensor] | None = None,
+    te_alpha: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Convert a diffusers-format SD 1.x LoRA state dict to kohya format with correct alphas."""
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    """Convert SD 1.x LoRA weights in peft form (:func:`peft_layers` of the UNet and of the
+    text encoder) to kohya form: ``lora_unet_<module>.lora_down.weight``, ``.lora_up.weight``
+    and ``.alpha`` per module, ``lora_te_`` for the text encoder.
 
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_sd))
+    Each part is converted from peft form directly: diffusers' converters guess a state
+    dict's format from its keys, and a diffusers-format dict holding both parts is taken for
+    text-encoder form throughout, which leaves the UNet keys unconverted."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    prefixed = {f"unet.{k}": v for k, v in unet_layers.items()}
+    prefixed.update({f"text_encoder.{k}": v for k, v in (te_layers or {}).items()})
     out: dict[str, torch.Tensor] = {}
-    for key, value in kohya.items():
+    for key, value in convert_state_dict_to_kohya(prefixed).items():
         # SD 1.x has one text encoder: kohya/A1111 call it lora_te (lora_te1 is SDXL's)
         key = key.replace("lora_te1_", "lora_te_", 1)
         if key.endswith(".alpha"):
@@ -148,32 +168,29 @@ def save_lora(
     info: dict[str, Any] | None = None,
 ) -> Path:
     """Write the LoRA files into ``out_dir`` atomically (each file is renamed into place
-    whole). Returns the path of the diffusers-format file."""
+    whole). ``info`` goes to ``cvgen_lora.json``. Returns the path of the diffusers file."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    unet_layers = lora_layers(unet)
-    te_layers = lora_layers(text_encoder) if has_lora(text_encoder) else None  # type: ignore[arg-type]
+    unet_peft = peft_layers(unet)
+    te_peft = peft_layers(text_encoder) if has_lora(text_encoder) else None  # type: ignore[arg-type]
     tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out))
     try:
         StableDiffusionPipeline.save_lora_weights(
             tmp,
-            unet_lora_layers=unet_layers,
-            text_encoder_lora_layers=te_layers,
+            unet_lora_layers=to_diffusers(unet_peft),
+            text_encoder_lora_layers=to_diffusers(te_peft) if te_peft else None,
             weight_name=DIFFUSERS_WEIGHT_NAME,
             unet_lora_adapter_metadata=_adapter_metadata(unet),
             text_encoder_lora_adapter_metadata=_adapter_metadata(text_encoder),
         )
         names = [DIFFUSERS_WEIGHT_NAME]
         if kohya:
-            flat = {f"unet.{k}": v for k, v in unet_layers.items()}
-            if te_layers:
-                flat.update({f"text_encoder.{k}": v for k, v in te_layers.items()})
             unet_alpha = _alpha(unet)
             assert unet_alpha is not None, "the UNet has no LoRA adapter"
-            kohya_sd = to_kohya(flat, unet_alpha, _alpha(text_encoder))
+            kohya_sd = to_kohya(unet_peft, unet_alpha, te_peft, _alpha(text_encoder))
             meta = {
                 "ss_network_module": "networks.lora",
                 "ss_network_dim": str(unet.peft_config["default"].r),  # type: ignore[index,union-attr]
