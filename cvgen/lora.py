@@ -25,8 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cvgen.fsutil import publish
+
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+INFO_NAME = "cvgen_lora.json"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -168,7 +171,8 @@ def save_lora(
     info: dict[str, Any] | None = None,
 ) -> Path:
     """Write the LoRA files into ``out_dir`` atomically (each file is renamed into place
-    whole). ``info`` goes to ``cvgen_lora.json``. Returns the path of the diffusers file."""
+    whole, with the permissions of a newly created file). ``info`` goes to
+    ``cvgen_lora.json``. Returns the path of the diffusers file."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
@@ -201,10 +205,10 @@ def save_lora(
             save_file(kohya_sd, tmp / KOHYA_WEIGHT_NAME, metadata=meta)
             names.append(KOHYA_WEIGHT_NAME)
         if info is not None:
-            (tmp / "cvgen_lora.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-            names.append("cvgen_lora.json")
+            (tmp / INFO_NAME).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            names.append(INFO_NAME)
         for name in names:
-            os.replace(tmp / name, out / name)
+            publish(tmp / name, out / name)  # safetensors writes 0600: give the normal mode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / DIFFUSERS_WEIGHT_NAME
