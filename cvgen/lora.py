@@ -9,6 +9,8 @@ Files written by :func:`save_lora`:
   the safetensors metadata so alpha survives the round trip.
 - ``pytorch_lora_weights_kohya.safetensors``: kohya format (``lora_unet_*``, ``lora_te_*``,
   each module with its ``.alpha``) that kohya sd-scripts, AUTOMATIC1111 and ComfyUI load.
+- ``cvgen_lora.json``: what the LoRA was trained on and with, the scheduler settings that
+  sampling must use among them (:func:`read_lora_info`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cvgen.errors import CVGenError
 from cvgen.fsutil import publish
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -172,7 +175,7 @@ def save_lora(
 ) -> Path:
     """Write the LoRA files into ``out_dir`` atomically (each file is renamed into place
     whole, with the permissions of a newly created file). ``info`` goes to
-    ``cvgen_lora.json``. Returns the path of the diffusers file."""
+    ``cvgen_lora.json`` (:func:`read_lora_info`). Returns the path of the diffusers file."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
@@ -234,6 +237,54 @@ def load_lora_into_pipeline(
     """Load a LoRA file (diffusers or kohya format) or folder into a diffusers pipeline."""
     folder, weight_name = resolve_lora_file(path)
     pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
+
+
+# ---- cvgen_lora.json: what inference needs to know about a LoRA --------------------------
+
+# Scheduler settings that change what the trained model predicts at a timestep: inference
+# must use the ones training used (epsilon vs v_prediction; the zero-terminal-SNR schedule).
+SCHEDULER_KEYS = ("prediction_type", "rescale_betas_zero_snr")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def scheduler_settings(scheduler: Any) -> dict[str, Any]:
+    """The :data:`SCHEDULER_KEYS` of a (training) noise scheduler's config, for
+    ``cvgen_lora.json``'s ``scheduler`` entry."""
+    config = scheduler.config
+    return {k: config[k] for k in SCHEDULER_KEYS if k in config}
+
+
+def read_lora_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``cvgen_lora.json`` of a LoRA file or folder (a run folder too), or ``{}`` where there
+    is none (a diffusers or kohya file from elsewhere). Its ``scheduler`` entry is checked."""
+    try:
+        folder, _ = resolve_lora_file(path)
+    except FileNotFoundError:
+        return {}
+    info_path = Path(folder) / INFO_NAME
+    if not info_path.is_file():
+        return {}
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CVGenError(f"{info_path}: cannot read it ({e})") from e
+    if not isinstance(info, dict):
+        raise CVGenError(f"{info_path}: must hold a JSON object, got {type(info).__name__}")
+    sched = info.get("scheduler")
+    if sched is not None:
+        pred = sched.get("prediction_type") if isinstance(sched, dict) else None
+        if not isinstance(sched, dict) or pred not in (None, *PREDICTION_TYPES):
+            raise CVGenError(
+                f"{info_path}: scheduler.prediction_type must be one of "
+                f"{', '.join(PREDICTION_TYPES)}, got {pred!r}"
+            )
+    return info
+
+
+def lora_scheduler_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The scheduler settings a LoRA was trained with ({} when its files do not say)."""
+    sched = read_lora_info(path).get("scheduler") or {}
+    return {k: sched[k] for k in SCHEDULER_KEYS if k in sched}
 
 
 def describe(spec: LoRASpec) -> dict[str, Any]:
