@@ -16,9 +16,12 @@ Files written by :func:`save_lora`:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -234,9 +237,47 @@ def resolve_lora_file(path: str | os.PathLike[str]) -> tuple[str, str | None]:
 def load_lora_into_pipeline(
     pipe: Any, path: str | os.PathLike[str], adapter_name: str = "default"
 ) -> None:
-    """Load a LoRA file (diffusers or kohya format) or folder into a diffusers pipeline."""
+    """Load a LoRA file (diffusers or kohya format) or folder into a diffusers pipeline. A
+    LoRA made for another base is a :class:`CVGenError` of one line (:func:`check_lora_fits`
+    finds most such cases sooner, from the files' headers)."""
     folder, weight_name = resolve_lora_file(path)
-    pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    quiet = _DropRelayedLoadError()
+    peft_log.addFilter(quiet)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
+    except RuntimeError as e:  # torch's load_state_dict: one line per mismatching tensor
+        found = _SIZE_MISMATCH.search(str(e))
+        if found is None:
+            raise
+        key, got, want = found.groups()
+        base = str(getattr(pipe, "name_or_path", None) or "the base model")
+        detail = f"{key} has shape {_shape(got)}, expected {_shape(want)}"
+        raise _misfit(path, base, detail) from None
+    finally:
+        peft_log.removeFilter(quiet)
+    for w in caught:  # loaded: what diffusers and peft had to say still reaches the user
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+class _DropRelayedLoadError(logging.Filter):
+    """diffusers logs a failed adapter load in full (a line per tensor) and then raises the
+    same error; the caller reports the exception, so the log copy goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in record.getMessage()
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+    r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def _shape(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", text)]
 
 
 # ---- cvgen_lora.json: what inference needs to know about a LoRA --------------------------
@@ -285,6 +326,108 @@ def lora_scheduler_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The scheduler settings a LoRA was trained with ({} when its files do not say)."""
     sched = read_lora_info(path).get("scheduler") or {}
     return {k: sched[k] for k in SCHEDULER_KEYS if k in sched}
+
+
+# ---- does a LoRA fit a base? --------------------------------------------------------------
+
+_PARTS = ("unet", "text_encoder")
+_KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+_SUFFIXES = {  # LoRA tensor name endings -> which factor (down: [r, in], up: [out, r])
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+}
+
+
+def _header_shapes(files: Iterable[Path]) -> dict[str, list[int]]:
+    """Tensor shapes from safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open is no dict)
+                shapes[key] = list(fh.get_slice(key).get_shape())
+    return shapes
+
+
+def _base_shapes(base: Path, part: str) -> dict[str, list[int]]:
+    """{module name with ``_`` for ``.``: weight shape} of a base model's part, from its
+    safetensors headers ({} where it has none)."""
+    files = sorted((base / part).glob("*.safetensors"))
+    return {
+        k[: -len(".weight")].replace(".", "_"): v
+        for k, v in _header_shapes(files).items()
+        if k.endswith(".weight")
+    }
+
+
+def _lora_module(key: str) -> tuple[str, str, str] | None:
+    """(part, module name with ``_`` for ``.``, down|up) of a LoRA tensor name."""
+    factor = next((f for suffix, f in _SUFFIXES.items() if key.endswith(suffix)), None)
+    if factor is None:
+        return None
+    stem = key[: -len(next(s for s in _SUFFIXES if key.endswith(s)))]
+    for prefix, part in _KOHYA_PARTS.items():
+        if stem.startswith(prefix):
+            return part, stem[len(prefix) :], factor
+    head, _, module = stem.partition(".")
+    if head in _PARTS and module:
+        return head, module.replace(".", "_"), factor
+    return None
+
+
+def check_lora_fits(base: str | os.PathLike[str], lora: str | os.PathLike[str] | None) -> None:
+    """Raise a one-line :class:`CVGenError` when ``lora`` was made for a model other than
+    ``base``: a LoRA tensor whose shape does not match the base module it adapts (modules
+    the base lacks are left to the loader, which skips them, as diffusers does).
+    Reads only safetensors headers, and does nothing for a base that is not a local folder
+    of safetensors files (a hub id): :func:`load_lora_into_pipeline` catches it there."""
+    if not lora:
+        return
+    base_dir = Path(base).expanduser()
+    if not base_dir.is_dir():
+        return
+    folder, weight_name = resolve_lora_file(lora)
+    lora_file = Path(folder) / (weight_name or DIFFUSERS_WEIGHT_NAME)
+    if lora_file.suffix != ".safetensors":
+        return
+    tensors = [
+        (found, key, shape)
+        for key, shape in _header_shapes([lora_file]).items()
+        if (found := _lora_module(key)) is not None
+    ]
+    bases: dict[str, dict[str, list[int]]] = {}
+    for (part, module, factor), key, shape in sorted(
+        tensors, key=lambda t: (t[0][0] != "unet", t[1])
+    ):
+        if part not in bases:
+            bases[part] = _base_shapes(base_dir, part)
+        weight = bases[part].get(module)
+        if weight is None:
+            continue  # not in the base, or named another way (kohya files from elsewhere)
+        want = [shape[0], weight[1]] if factor == "down" else [weight[0], shape[1]]
+        if shape[:2] != want:
+            raise _misfit(lora, str(base), f"{key} has shape {shape}, expected {want + shape[2:]}")
+
+
+def _misfit(lora: str | os.PathLike[str], base: str, detail: str) -> CVGenError:
+    trained_on = read_lora_info(lora).get("base")
+    if trained_on and not _same_model(str(trained_on), base):
+        return CVGenError(f"LoRA {lora} was trained on {trained_on}, not {base} ({detail})")
+    return CVGenError(f"LoRA {lora} does not fit the base model {base} ({detail})")
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def describe(spec: LoRASpec) -> dict[str, Any]:

@@ -102,7 +102,8 @@ def load_img2img(
     """A ``StableDiffusionImg2ImgPipeline`` from a diffusers folder or hub id, with a LoRA.
 
     The LoRA's ``cvgen_lora.json`` (when it has one) sets the scheduler settings training
-    used (``prediction_type``: a v-prediction LoRA is sampled as one).
+    used (``prediction_type``: a v-prediction LoRA is sampled as one). A LoRA made for another
+    base is a one-line :class:`CVGenError` naming both models.
 
     With ``fuse`` the LoRA is merged into the UNet weights at ``lora_scale`` (no per-step
     adapter cost); without it the adapter stays separate and its scale can change per call
@@ -110,11 +111,12 @@ def load_img2img(
     """
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from cvgen.lora import load_lora_into_pipeline, lora_scheduler_settings
+    from cvgen.lora import check_lora_fits, load_lora_into_pipeline, lora_scheduler_settings
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     check_base(str(base))
+    check_lora_fits(base, lora)
     trained_with = lora_scheduler_settings(lora) if lora else {}
     try:
         pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
