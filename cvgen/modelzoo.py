@@ -16,12 +16,13 @@ import collections
 import itertools
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cvgen.fsutil import atomic_dir
 
 ARCHS = ("tiny", "small", "sd15")
 
@@ -326,20 +327,12 @@ def save_random_model(out: str | os.PathLike[str], arch: str = "tiny", seed: int
     """Build a random SD model and save it as a diffusers folder at ``out`` (atomically:
     written beside it, then renamed into place). Returns the folder."""
     out_path = Path(out).resolve()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(arch, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+    with atomic_dir(out_path) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # vocab.json + merges.txt too, as SD 1.5 ships them, for older transformers releases
         build_tokenizer_files(tmp / "tokenizer")
         (tmp / "cvgen_model.json").write_text(
             json.dumps({"arch": arch, "seed": seed, "random": True}, indent=2) + "\n"
         )
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path

@@ -75,14 +75,19 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
-def make_scheduler(name: str, config: Any) -> Any:
+def make_scheduler(name: str, config: Any, **overrides: Any) -> Any:
+    """Scheduler ``name`` from another scheduler's config, with ``overrides`` (those the
+    scheduler class takes: PNDM and LMS have no ``rescale_betas_zero_snr``, for example)."""
+    import inspect
+
     import diffusers
 
     try:
         cls = getattr(diffusers, SCHEDULERS[name])
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}; one of {', '.join(SCHEDULERS)}") from None
-    return cls.from_config(config)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls.from_config(config, **{k: v for k, v in overrides.items() if k in accepted})
 
 
 def load_img2img(
@@ -96,24 +101,30 @@ def load_img2img(
 ) -> Any:
     """A ``StableDiffusionImg2ImgPipeline`` from a diffusers folder or hub id, with a LoRA.
 
+    The LoRA's ``cvgen_lora.json`` (when it has one) sets the scheduler settings training
+    used (``prediction_type``: a v-prediction LoRA is sampled as one). A LoRA made for another
+    base is a one-line :class:`CVGenError` naming both models.
+
     With ``fuse`` the LoRA is merged into the UNet weights at ``lora_scale`` (no per-step
     adapter cost); without it the adapter stays separate and its scale can change per call
     through ``cross_attention_kwargs={"scale": s}``.
     """
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from cvgen.lora import load_lora_into_pipeline
+    from cvgen.lora import check_lora_fits, load_lora_into_pipeline, lora_scheduler_settings
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     check_base(str(base))
+    check_lora_fits(base, lora)
+    trained_with = lora_scheduler_settings(lora) if lora else {}
     try:
         pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
             str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
         raise base_load_error("base model", str(base), e) from e
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config, **trained_with)
     if lora:
         load_lora_into_pipeline(pipe, lora)
         if fuse:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +72,23 @@ def make_random_lora(base: Path, out: Path) -> Path:
         for p in params:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return save_lora(out, unet, kohya=False)
+
+
+def img2img_array(pipe: Any) -> np.ndarray:
+    """A few seeded img2img steps of ``pipe`` on a fixed random 64 px photo, as an array."""
+    from PIL import Image
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    out = pipe(
+        prompt="a professional portrait",
+        image=photo,
+        strength=0.75,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    return np.asarray(out.images[0])
 
 
 @pytest.fixture(scope="session")

@@ -56,12 +56,14 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the LoRA, then supervise the server child until it exits or a signal comes."""
+    from cvgen.lora import check_lora_fits
     from cvgen.pipeline import check_base
     from cvgen.serve.wandb_lora import resolve_lora
 
     cfg = config_from_args(args)
     check_base(cfg.base)  # fail here with the reason, not in a worker that LitServe hides
     cfg.lora = resolve_lora(cfg.lora, cfg.wandb_cache_dir)
+    check_lora_fits(cfg.base, cfg.lora)  # a LoRA for another base: one line, before the child
     if cfg.host not in ("0.0.0.0", "127.0.0.1", "::"):
         from cvgen.errors import CVGenError
 

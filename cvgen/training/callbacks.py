@@ -53,6 +53,8 @@ class LoRAExport(Callback):
             "epoch": trainer.current_epoch,
             "unet_lora": lora_lib.describe(module.unet_spec),
             "text_encoder_lora": lora_lib.describe(module.te_spec) if module.te_spec else None,
+            # what inference must use: a v_prediction override must not be sampled as epsilon
+            "scheduler": lora_lib.scheduler_settings(module.noise_scheduler),
             "data_version": getattr(getattr(trainer, "datamodule", None), "data_version", None),
         }
         te = module.text_encoder if module.te_spec is not None else None
