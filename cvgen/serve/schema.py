@@ -142,8 +142,8 @@ class GenParams(BaseModel):
     """The generation parameters of one request, validated and with defaults filled in.
 
     To add a request field, declare it here: its type with the reader for form strings
-    (``Number``, ``Integer``, ``Text``), its limits (``Field``, ``at_most``) and, when the
-    server config supplies its default, ``FromConfig(key)``. Fields in ``BATCH_KEY`` must be
+    (``Number``, ``Integer``, ``Text``), its limits (``Field``, ``at_most``, ``max_chars``)
+    and, when the server config supplies its default, ``FromConfig(key)``. Fields in ``BATCH_KEY`` must be
     equal for requests to share a pipeline call.
     """
 
