@@ -35,18 +35,62 @@ DTYPES = {
 
 
 def check_base(base: str) -> None:
-    """A ``base`` that names a local path must be a diffusers Stable Diffusion folder."""
+    """``base`` must be a diffusers Stable Diffusion folder or a hub model this machine can get.
+
+    A name that exists, starts with ``.``, ``/`` or ``~``, or has more than one ``/`` is a path
+    and must be a complete folder. Otherwise (``name`` or ``org/name``) it may also be a hub id:
+    it passes if the Hugging Face cache holds it, or, with the hub allowed (no
+    ``HF_HUB_OFFLINE``), if the hub knows it; else the error names both readings.
+    """
     path = Path(base).expanduser()
-    local = path.exists() or base.startswith((".", "/", "~")) or base.count("/") > 1
-    if not local:
-        return  # a hub id: from_pretrained resolves it (and says so if it cannot)
-    missing = [sub for sub in BASE_PARTS if not (path / sub).is_dir()]
-    if missing:
-        raise CVGenError(
-            f"base model {base!r}: not a diffusers Stable Diffusion folder (missing "
-            f"{', '.join(missing)}); build one with `cvgen model random --out {base}` or "
-            "point at SD 1.5 weights"
+    if path.exists() or base.startswith((".", "/", "~")) or base.count("/") > 1:
+        missing = [sub for sub in BASE_PARTS if not (path / sub).is_dir()]
+        if missing:
+            raise CVGenError(
+                f"base model {base!r}: not a diffusers Stable Diffusion folder (missing "
+                f"{', '.join(missing)}); build one with `cvgen model random --out {base}` or "
+                "point at SD 1.5 weights"
+            )
+        return
+    problem = _hub_problem(base)
+    if problem:
+        raise CVGenError(f"base model {base!r}: no such folder, and {problem}")
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot be loaded from the hub (None: it can, or the hub will say why)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+            return None  # in the cache: from_pretrained loads it without the network
+    except HFValidationError:
+        return "not a hub id either"
+    if constants.HF_HUB_OFFLINE:
+        return (
+            "not a hub model in the Hugging Face cache (HF_HUB_OFFLINE=1, so the hub was "
+            "not asked); check the path"
         )
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return None  # it exists; from_pretrained says what access it needs
+    except RepositoryNotFoundError:
+        return "no model of that id on the Hugging Face hub; check the path"
+    except HfHubHTTPError:
+        return None  # the hub answered (gated, private, ...): from_pretrained says what it needs
+    except OSError as e:  # connection refused, DNS, timeout (requests' errors are OSErrors)
+        return (
+            "not a hub model in the Hugging Face cache, and the hub is unreachable "
+            f"({type(e).__name__}); check the path"
+        )
+    return None
 
 
 def base_load_error(label: str, base: str, error: Exception) -> CVGenError:

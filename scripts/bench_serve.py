@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -31,6 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import machine, prepare_model
+
+from cvgen import perf
 
 
 def pct(values: list[float], q: float) -> float:
@@ -57,26 +60,26 @@ def photo_bytes(size: int) -> bytes:
     return buf.getvalue()
 
 
+def levers(args: argparse.Namespace) -> perf.SpeedLevers:
+    """The speed levers of the benchmark's flags, for the server and the bare pipeline alike."""
+    return perf.SpeedLevers(
+        channels_last=args.channels_last,
+        compile_unet=args.compile,
+        compile_mode=args.compile_mode or "default",
+    )
+
+
 def bare_latency(args: argparse.Namespace, model: Path, n: int) -> list[float]:
     """Seconds per bare ``pipe(...)`` call (batch 1), the way the server calls it."""
     import torch
     from PIL import Image
 
-    from cvgen import perf
     from cvgen.pipeline import load_img2img
-    from cvgen.serve.engine import model_resolution
+    from cvgen.serve.config import model_resolution
 
     pipe = load_img2img(model, device=args.device, dtype=args.dtype)
-    perf.apply_unet_levers(
-        pipe.unet,
-        attention="sdpa",
-        channels_last=args.channels_last,
-        compile_unet=args.compile,
-        compile_mode=args.compile_mode,
-        others=(pipe.vae,),
-    )
-    if args.device == "cpu":
-        perf.set_flush_denormal(True)  # as the server does: same compute on both sides
+    # the server's levers (SpeedLevers.apply, as its engine calls it): same compute on both sides
+    levers(args).apply(pipe.unet, others=(pipe.vae,), cpu=args.device == "cpu")
     size = model_resolution(str(model))
     image = Image.open(io.BytesIO(photo_bytes(size))).convert("RGB")
 
@@ -122,9 +125,7 @@ class Server:
             "log_level": "warning",
             "default_steps": args.steps,
             "default_strength": args.strength,
-            "compile_unet": args.compile,
-            "compile_mode": args.compile_mode or "default",
-            "channels_last": args.channels_last,
+            "levers": dataclasses.asdict(levers(args)),
             "warmup": True,
             "queue_timeout": 600,
         }
@@ -224,7 +225,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model = prepare_model(args.arch, workdir)
-    from cvgen.serve.engine import model_resolution
+    from cvgen.serve.config import model_resolution
 
     photo = photo_bytes(model_resolution(str(model)))
 

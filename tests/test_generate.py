@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from cvgen.cli import main
-from cvgen.serve.config import ServeConfig
-from cvgen.serve.engine import GenRequest, Img2ImgEngine, group_by_key, model_resolution
-from cvgen.serve.schema import GenParams
+from cvgen.serve.config import ServeConfig, model_resolution
+from cvgen.serve.engine import Img2ImgEngine, group_by_key
+from cvgen.serve.schema import GenParams, GenRequest
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,15 @@ def lora(random_lora: Path) -> Path:
 
 
 def _params(seed: int, steps: int = 2, lora_scale: float = 1.0) -> GenParams:
-    return GenParams("portrait", "", 0.5, steps, 5.0, seed, lora_scale)
+    return GenParams(
+        prompt="portrait",
+        negative_prompt="",
+        strength=0.5,
+        steps=steps,
+        guidance_scale=5.0,
+        seed=seed,
+        lora_scale=lora_scale,
+    )
 
 
 def test_generate_cli_writes_a_deterministic_jpeg(
@@ -112,7 +120,7 @@ def test_engine_splits_incompatible_requests_and_keeps_order(tiny_model: Path) -
 def test_unfused_lora_scale_changes_the_image(tiny_model: Path, lora: Path) -> None:
     cfg = ServeConfig(base=str(tiny_model), lora=str(lora), fuse_lora=False, device="cpu")
     engine = Img2ImgEngine.load(cfg)
-    assert engine.fixed_lora_scale is None
+    assert engine.cfg.fixed_lora_scale is None
     photo = Image.new("RGB", (64, 64), (100, 50, 25))
     off, on, on2 = (
         engine.generate([GenRequest(photo, _params(5, lora_scale=s))])[0].image

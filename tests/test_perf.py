@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -147,12 +148,13 @@ def test_serve_yaml_levers_parse_and_are_checked() -> None:
     cfg = load_config(ROOT / "configs" / "serve.yaml")
     raw = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
     keys = ("channels_last", "compile_unet", "compile_mode", "attention", "flush_denormal")
-    for key in (*keys, "warmup"):
-        assert getattr(cfg, key) == raw[key], key
+    for key in keys:
+        assert getattr(cfg.levers, key) == raw["levers"][key], key
+    assert cfg.warmup == raw["warmup"]
     from cvgen.errors import CVGenError
 
     with pytest.raises(CVGenError, match="compile_mode"):
-        ServeConfig(compile_mode="fastest")
+        load_config(overrides={"levers": {"compile_mode": "fastest"}})
 
 
 class RecordingPipe:
@@ -174,25 +176,21 @@ def test_serve_levers_and_warmup(tiny_model: Path, restore_tf32) -> None:
     from cvgen.pipeline import load_img2img
     from cvgen.serve.engine import Img2ImgEngine
 
+    levers = perf.SpeedLevers(
+        channels_last=True, compile_unet=True, attention="default", allow_tf32=False
+    )
     cfg = ServeConfig(
-        base=str(tiny_model),
-        device="cpu",
-        max_batch_size=3,
-        default_steps=4,
-        channels_last=True,
-        compile_unet=True,
-        attention="default",
-        allow_tf32=False,
+        base=str(tiny_model), device="cpu", max_batch_size=3, default_steps=4, levers=levers
     )
     pipe = RecordingPipe(load_img2img(tiny_model, device="cpu", dtype="float32"))
     engine = Img2ImgEngine(pipe, cfg, "cpu")
     done = engine.apply_levers()
-    assert done == ["attention=default", "channels_last", "compile_unet(default)"]
+    assert done.startswith("attention=default, channels_last, compile_unet(default), ")
     assert perf.is_compiled(pipe.unet) and processors(pipe.unet) == {"AttnProcessor"}
     assert conv_weight(pipe.unet).is_contiguous(memory_format=torch.channels_last)
     # compiled: every batch size batching can form is warmed up, so none recompiles later
     assert engine.warmup_batch_sizes() == [1, 2, 3]
-    cfg.compile_unet = False
+    engine.cfg = cfg.model_copy(update={"levers": dataclasses.replace(levers, compile_unet=False)})
     pipe.pipe.unet._compiled_call_impl = None  # run eagerly here: compiling takes minutes on CPU
     assert engine.warmup_batch_sizes() == [1, 3]
     engine.warmup()

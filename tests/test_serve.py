@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.schema import PARAM_FIELDS
+from cvgen.serve.schema import GenParams
 from cvgen.serve.server import build_server
 
 from .conftest import make_random_lora
@@ -286,6 +286,47 @@ def test_body_mistakes(client: TestClient, content: bytes, ctype: str, status: i
     assert client.get("/health").status_code == 200
 
 
+DEEP = 100_000  # far past Python's recursion limit
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * DEEP + b"]" * DEEP,
+        b'{"prompt": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        b'{"a":' * 40_000 + b"1" + b"}" * 40_000,
+    ],
+    ids=["array", "array-in-a-field", "object"],
+)
+def test_deeply_nested_json_is_a_400(client: TestClient, body: bytes) -> None:
+    r = client.post("/predict", content=body, headers={**H, "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json() == {"detail": "the JSON body is nested too deeply", "field": None}
+    assert client.get("/health").status_code == 200
+
+
+def test_http_errors_have_the_detail_and_field_body(client: TestClient) -> None:
+    answers = {
+        "no key": (client.post("/predict", data={"prompt": "x"}), 401),
+        "wrong key": (
+            client.post("/predict", data={"prompt": "x"}, headers={"X-API-Key": "no"}),
+            401,
+        ),
+        "metrics, no key": (client.get("/metrics"), 401),
+        "GET /predict": (client.get("/predict", headers=H), 405),
+        "unknown path": (client.get("/no-such-path", headers=H), 404),
+        "too large": (predict(client, {"prompt": "x"}, image=b"\xff" * 400_000), 413),
+    }
+    for name, (r, status) in answers.items():
+        assert r.status_code == status, (name, r.text)
+        body = r.json()
+        assert set(body) == {"detail", "field"} and body["field"] is None, (name, body)
+        assert isinstance(body["detail"], str) and body["detail"], name
+    assert answers["no key"][0].headers["www-authenticate"] == "Bearer"
+    assert answers["GET /predict"][0].headers["allow"] == "POST"
+    assert "larger than 300000 bytes" in answers["too large"][0].json()["detail"]
+
+
 # --- auth ---------------------------------------------------------------------------------
 
 
@@ -381,7 +422,7 @@ _urls = st.sampled_from(
         "http://",
     ]
 )
-_names = (*PARAM_FIELDS, "mood")  # every request field, and one the server does not know
+_names = (*GenParams.model_fields, "mood")  # every request field, and one the server does not know
 _images = st.one_of(st.none(), st.just(PHOTO), st.just(TRUNCATED), st.binary(max_size=64))
 
 
@@ -443,6 +484,70 @@ def test_fuzz_json_fields_never_500(
         assert r.headers["content-type"] == ("application/json" if accept_json else "image/jpeg")
     else:
         assert isinstance(r.json()["detail"], str)
+
+
+_json_tree = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+def _nested(depth: int, kind: str) -> bytes:
+    if kind == "array":
+        return b"[" * depth + b"]" * depth
+    if kind == "object":
+        return b'{"a":' * depth + b"1" + b"}" * depth
+    return b'{"prompt": "x", "steps": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+_raw_json = st.one_of(
+    # nesting from shallow to far past the recursion limit
+    st.builds(_nested, st.integers(1, 30_000), st.sampled_from(["array", "object", "field"])),
+    st.sampled_from(
+        [
+            b"",
+            b" ",
+            b"null",
+            b'"a string"',
+            b"1e999",
+            b'{"prompt": NaN, "seed": Infinity}',
+            b'{"prompt": "x", "steps": -Infinity}',
+            b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}",  # past int's digit limit
+            b'{"prompt": "x", "strength": 1e-400, "guidance_scale": 1e400}',
+            b'\xef\xbb\xbf{"prompt": "x"}',  # a UTF-8 BOM
+            '{"prompt": "x", "image_b64": "AAAA"}'.encode("utf-16"),
+            b'{"prompt": "x"} trailing',
+            b'{"prompt": "\\ud800 lone surrogate", "image_b64": "AAAA"}',
+            b'{"prompt": "x", "prompt": 5}',  # a duplicate key
+            b'{"prompt": "x", "\\u0000": 1}',
+            b'{"prompt": "x", "image_b64": {"a": [1, {"b": null}]}}',
+            b'{"prompt": "x", "image_url": ["http://127.0.0.1/"]}',
+            b"\xff\xfe\x00\x01",
+        ]
+    ),
+    st.binary(max_size=64),
+    # any JSON document, and any JSON value in any field
+    _json_tree.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from([*_names, "image_b64", "image_url"]), _json_tree).map(
+        lambda d: json.dumps(d).encode()
+    ),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=_raw_json)
+def test_fuzz_raw_json_bodies_never_5xx(client: TestClient, body: bytes) -> None:
+    headers = {**H, "content-type": "application/json"}
+    r = client.post("/predict", content=body, headers=headers)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300], body[:100])
+    out = r.json()
+    assert set(out) == {"detail", "field"} and isinstance(out["detail"], str)
 
 
 def test_server_is_healthy_after_the_fuzzing(client: TestClient) -> None:

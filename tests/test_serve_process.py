@@ -50,7 +50,7 @@ def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_pa
     port, tag, key = free_port(), uuid.uuid4().hex, "process-key"
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(
-        f"base: {tiny_model}\ndevice: cpu\ndefault_steps: 2\nmax_steps: 8\nshutdown_grace: 10\n"
+        f"base: {tiny_model}\ndevice: cpu\ndefault_steps: 2\nmax_steps: 8\nshutdown_grace: 30\n"
     )
     env = {**os.environ, "CVGEN_TEST_TAG": tag, "CVGEN_API_KEY": key, "PORT": str(port)}
     cmd = [sys.executable, "-m", "cvgen.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1"]
@@ -113,7 +113,33 @@ def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_pa
             break
         time.sleep(0.1)
     assert left == [], f"processes left behind: {left}"
-    lines = [
-        ln for ln in log.read_text(errors="replace").splitlines() if '"event": "request"' in ln
-    ]
-    assert lines and key not in log.read_text(errors="replace")  # JSON access lines, no key
+    text = log.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if '"event": "request"' in ln]
+    assert lines and key not in text  # JSON access lines, no key
+    # the inference worker's own lines reach the output, and one line says the server is up
+    for what in ("model loaded: base=", "speed levers: ", "warm-up: batch sizes"):
+        assert what in text, what
+    ready = (
+        f"cvgen: serving {tiny_model} on http://127.0.0.1:{port} (POST /predict; /health, /metrics)"
+    )
+    assert text.count(ready) == 1, text[-3000:]
+
+
+def test_serve_with_a_mistyped_base_fails_in_one_line(tmp_path: Path) -> None:
+    """A base that is neither a folder nor a cached hub model: one line, before any worker."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    cmd = [sys.executable, "-m", "cvgen.cli", "serve", "--base", "models/tny"]
+    proc = subprocess.run(
+        [*cmd, "--port", str(free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("cvgen: error: base model 'models/tny': no such folder")
+    assert "not a hub model in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]

@@ -21,8 +21,9 @@ from cvgen.netfetch import (
     fetch_image_bytes_sync,
     parse_networks,
 )
+from cvgen.perf import SpeedLevers
 from cvgen.serve.config import ServeConfig, load_config
-from cvgen.serve.schema import ClientError, check_image_sources, parse_params
+from cvgen.serve.schema import ClientError, GenParams, check_image_sources
 from cvgen.serve.wandb_lora import parse_ref, resolve_lora
 
 # --- config -----------------------------------------------------------------------------
@@ -38,7 +39,7 @@ def test_every_config_key_has_a_comment(repo_root: Path) -> None:
     keyed = [ln for ln in lines if ln and not ln.startswith("#") and ":" in ln]
     assert keyed and all("#" in ln for ln in keyed), [ln for ln in keyed if "#" not in ln]
     keys = {ln.split(":", 1)[0].strip() for ln in keyed}
-    assert keys == set(ServeConfig.__dataclass_fields__)
+    assert keys == set(ServeConfig.model_fields) | set(SpeedLevers.__dataclass_fields__)
 
 
 def test_config_flags_override_yaml(tmp_path: Path) -> None:
@@ -68,21 +69,21 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, word: str) -> None:
 # --- request fields ---------------------------------------------------------------------
 
 CFG = ServeConfig(max_steps=10, default_steps=4, default_strength=0.5)
+FUSED = CFG.model_copy(update={"lora": "lora.safetensors"})  # fused at scale 1.0
+UNFUSED = FUSED.model_copy(update={"fuse_lora": False})
 
 
 def test_params_defaults_and_random_seed() -> None:
-    a = parse_params({"prompt": " hi "}, CFG, lora_loaded=False, fixed_lora_scale=None)
-    b = parse_params({"prompt": "hi"}, CFG, lora_loaded=False, fixed_lora_scale=None)
+    a = GenParams.parse({"prompt": " hi "}, CFG)
+    b = GenParams.parse({"prompt": "hi"}, CFG)
     assert (a.prompt, a.steps, a.strength, a.lora_scale) == ("hi", 4, 0.5, 0.0)
     assert 0 <= a.seed < 2**32 and a.seed != b.seed  # 1 in 4e9 to collide
 
 
 def test_params_parse_form_strings() -> None:
-    p = parse_params(
+    p = GenParams.parse(
         {"prompt": "x", "steps": "6", "strength": "0.25", "seed": "12", "guidance_scale": "3"},
         CFG,
-        lora_loaded=False,
-        fixed_lora_scale=None,
     )
     assert (p.steps, p.strength, p.seed, p.guidance_scale) == (6, 0.25, 12, 3.0)
 
@@ -109,16 +110,16 @@ def test_params_parse_form_strings() -> None:
 )
 def test_params_errors_name_the_field(fields: dict[str, Any], field: str) -> None:
     with pytest.raises(ClientError) as e:
-        parse_params(fields, CFG, lora_loaded=False, fixed_lora_scale=None)
+        GenParams.parse(fields, CFG)
     assert e.value.status == 422 and e.value.field == field
 
 
 def test_fused_lora_scale_is_fixed() -> None:
-    ok = parse_params({"prompt": "x", "lora_scale": "1.0"}, CFG, True, fixed_lora_scale=1.0)
+    ok = GenParams.parse({"prompt": "x", "lora_scale": "1.0"}, FUSED)
     assert ok.lora_scale == 1.0
     with pytest.raises(ClientError, match="fused"):
-        parse_params({"prompt": "x", "lora_scale": "0.5"}, CFG, True, fixed_lora_scale=1.0)
-    free = parse_params({"prompt": "x", "lora_scale": "0.5"}, CFG, True, fixed_lora_scale=None)
+        GenParams.parse({"prompt": "x", "lora_scale": "0.5"}, FUSED)
+    free = GenParams.parse({"prompt": "x", "lora_scale": "0.5"}, UNFUSED)
     assert free.lora_scale == 0.5
 
 

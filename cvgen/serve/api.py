@@ -1,22 +1,26 @@
 """The LitAPI: model loading and batched img2img in the inference worker, and API-key auth.
 
-Requests arrive here already validated (see :mod:`cvgen.serve.ingress`); the worker only runs
-the model and encodes JPEGs, and reports batch size, predict time and memory with each image.
+Requests arrive already validated, as :class:`cvgen.serve.schema.GenRequest` objects (see
+:mod:`cvgen.serve.ingress`); the worker only runs the model. LitServe's default hooks do the
+rest: ``decode_request``/``encode_response`` pass the request and the
+:class:`cvgen.serve.schema.GenResult` through, ``batch`` gives ``predict`` the list of
+requests and ``unbatch`` hands back one result per request.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
-from typing import Any
 
 import litserve as ls
 from fastapi import HTTPException, Request
 
-from cvgen.images import jpeg_bytes
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.engine import GenRequest, GenResult, Img2ImgEngine
-from cvgen.serve.schema import GenParams
+from cvgen.serve.engine import Img2ImgEngine
+from cvgen.serve.logs import configure_logging
+from cvgen.serve.schema import GenRequest, GenResult
 
+log = logging.getLogger(__name__)
 # paths that answer without a key (probes)
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -56,40 +60,19 @@ class Img2ImgAPI(ls.LitAPI):
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    # --- inference worker ---
+    # --- inference worker (a process LitServe spawns: it sets up its own logging) ---
     def setup(self, device: str) -> None:
         """Load the pipeline on ``device`` (the config's device wins unless it is auto)."""
+        configure_logging(self.cfg.log_level)
         chosen = device if self.cfg.device == "auto" and device else self.cfg.device
         self.engine = Img2ImgEngine.load(self.cfg, chosen)
 
-    def decode_request(self, request: Any) -> GenRequest:  # type: ignore[override]
-        """The validated payload from the API server (see ingress.Job.payload)."""
-        if not isinstance(request, dict) or not isinstance(request.get("params"), GenParams):
-            raise HTTPException(400, "malformed internal request")
-        return GenRequest(request["image"], request["params"])
-
-    def batch(self, inputs: list[GenRequest]) -> list[GenRequest]:
-        return list(inputs)
-
-    def predict(self, x: Any) -> Any:
+    def predict(  # type: ignore[override]
+        self, x: GenRequest | list[GenRequest]
+    ) -> GenResult | list[GenResult]:
+        """A list of requests (max_batch_size > 1) or one request (LitServe then batches none)."""
         assert self.engine is not None, "setup() has not run"
-        if isinstance(x, GenRequest):  # max_batch_size == 1: no batch()/unbatch()
+        if isinstance(x, GenRequest):
             return self.engine.generate([x])[0]
+        log.debug("batch of %d: %s", len(x), " ".join(r.request_id for r in x))
         return self.engine.generate(x)
-
-    def unbatch(self, output: list[GenResult]) -> list[GenResult]:
-        return list(output)
-
-    def encode_response(self, output: GenResult) -> dict[str, Any]:  # type: ignore[override]
-        """JPEG bytes plus what the API server reports in headers and metrics."""
-        assert self.engine is not None
-        return {
-            "jpeg": jpeg_bytes(output.image, quality=self.cfg.jpeg_quality),
-            "width": output.image.width,
-            "height": output.image.height,
-            "params": output.params.public(),
-            "batch_size": output.batch_size,
-            "batch_index": output.batch_index,
-            "predict_seconds": output.predict_seconds,
-            "memory": self.engine.memory(),
-        }

@@ -1,17 +1,18 @@
 """``cvgen serve``: run the HTTP server, with a supervisor that makes SIGTERM clean.
 
 LitServe has no SIGTERM handler: SIGTERM to its main process orphans its worker processes.
-So ``cvgen serve`` is a small supervisor: it starts the server in a child process that leads
-its own process group, forwards SIGTERM/SIGINT to it, and after ``shutdown_grace`` seconds
-kills whatever is left in that group. The child turns SIGTERM into LitServe's graceful path
-(uvicorn stops accepting, finishes in-flight requests, then the workers are stopped).
+So ``cvgen serve`` is a small supervisor: it checks what it can first (config, base model,
+LoRA) so mistakes are one line before any worker starts, starts the server in a child process
+that leads its own process group, prints one line once ``/health`` answers 200, forwards
+SIGTERM/SIGINT to the child, and after ``shutdown_grace`` seconds kills whatever is left in
+that group. The child turns SIGTERM into LitServe's graceful path (uvicorn stops accepting,
+finishes in-flight requests, then the workers are stopped).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import signal
 import subprocess
@@ -20,7 +21,10 @@ import time
 from types import FrameType
 from typing import Any
 
+import httpx
+
 from cvgen.serve.config import ServeConfig, load_config
+from cvgen.serve.logs import configure_logging
 
 CHILD_ENV = "CVGEN_SERVE_CHILD_CONFIG"
 MAIN_FLAGS = ("base", "lora", "host", "port", "max_batch_size", "batch_timeout", "device", "dtype")
@@ -48,27 +52,47 @@ def add_parser(sub: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    overrides = {k: getattr(args, k, None) for k in MAIN_FLAGS}
-    if overrides["port"] is None and os.environ.get("PORT", "").isdigit():
-        overrides["port"] = int(os.environ["PORT"])  # Cloud Run sets $PORT
-    return load_config(args.config, overrides)
+    """The config file, then ``$PORT`` (Cloud Run sets it), then the flags."""
+    overrides: dict[str, Any] = {k: getattr(args, k, None) for k in MAIN_FLAGS}
+    origins = {}
+    port = os.environ.get("PORT", "").strip()
+    if overrides["port"] is None and port:
+        overrides["port"] = int(port) if port.isdigit() else port  # not digits: an error
+        origins["port"] = "$PORT"
+    return load_config(args.config, overrides, origins)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the LoRA, then supervise the server child until it exits or a signal comes."""
+    """Check the base model, resolve the LoRA, then supervise the server child until it exits
+    or a signal comes."""
     from cvgen.lora import check_lora_fits
     from cvgen.pipeline import check_base
     from cvgen.serve.wandb_lora import resolve_lora
 
     cfg = config_from_args(args)
     check_base(cfg.base)  # fail here with the reason, not in a worker that LitServe hides
-    cfg.lora = resolve_lora(cfg.lora, cfg.wandb_cache_dir)
+    cfg = cfg.model_copy(update={"lora": resolve_lora(cfg.lora, cfg.wandb_cache_dir)})
     check_lora_fits(cfg.base, cfg.lora)  # a LoRA for another base: one line, before the child
-    if cfg.host not in ("0.0.0.0", "127.0.0.1", "::"):
-        from cvgen.errors import CVGenError
-
-        raise CVGenError(f"host must be 0.0.0.0, 127.0.0.1 or ::, got {cfg.host!r}")
     return supervise(cfg)
+
+
+def serving_line(cfg: ServeConfig) -> str:
+    """The line ``cvgen serve`` prints once the server answers."""
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    model = cfg.base + (f" + LoRA {cfg.lora}" if cfg.lora else "")
+    return f"cvgen: serving {model} on http://{host}:{cfg.port} (POST /predict; /health, /metrics)"
+
+
+def _health_url(cfg: ServeConfig) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(cfg.host, cfg.host)
+    return f"http://{host}:{cfg.port}/health"
+
+
+def _healthy(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def supervise(cfg: ServeConfig) -> int:
@@ -89,16 +113,21 @@ def supervise(cfg: ServeConfig) -> int:
                 os.kill(child.pid, signal.SIGTERM)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    ready = False
     try:
-        while True:
-            try:
-                code = child.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if stop_at and time.monotonic() > stop_at[0]:
-                    _signal_group(child.pid, signal.SIGKILL)
-                    code = child.wait()
+        with httpx.Client(timeout=1.0, trust_env=False) as client:
+            while True:
+                try:
+                    code = child.wait(timeout=0.2)
                     break
+                except subprocess.TimeoutExpired:
+                    if stop_at and time.monotonic() > stop_at[0]:
+                        _signal_group(child.pid, signal.SIGKILL)
+                        code = child.wait()
+                        break
+                    if not ready and not stop_at and _healthy(client, _health_url(cfg)):
+                        ready = True
+                        print(serving_line(cfg), flush=True)
     finally:
         _signal_group(child.pid, signal.SIGKILL)  # anything left in the group
         for s, h in old.items():
@@ -114,14 +143,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 def child_main() -> None:
     """The server process (started by :func:`supervise`): SIGTERM -> graceful shutdown."""
     cfg = ServeConfig.from_json(os.environ.pop(CHILD_ENV))
-    logging.basicConfig(
-        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    access = logging.getLogger("cvgen.serve.access")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))  # the line is JSON already
-    access.addHandler(handler)
-    access.propagate = False
+    configure_logging(cfg.log_level)
 
     main_pid = os.getpid()
 

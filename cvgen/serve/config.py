@@ -1,184 +1,280 @@
-"""The server's settings: a dataclass read from YAML (``configs/serve.yaml``) with CLI overrides.
+"""The server's settings: a pydantic model read from YAML (``configs/serve.yaml``) with overrides.
 
-Precedence, lowest first: the dataclass defaults, the YAML file, command-line flags. Unknown
-keys and values of the wrong type are errors that name the key. Secrets are not settings: the
-API key is read from the environment variable named by ``api_key_env``.
+Precedence, lowest first: the model's defaults, the YAML file, ``$PORT`` (port only), then
+command-line flags. Values are checked strictly, as the JSON types YAML gives (an integer is
+accepted where a number is asked, nothing else is converted). An unknown key, a wrong type or a
+value out of range is a :class:`CVGenError` of one line that names the key and where it came
+from: ``configs/serve.yaml:12: max_batch_size must be >= 1, got 0``.
+
+The properties at the end say what follows from the settings (the image size, whether the LoRA
+scale is fixed); they are worked out here only. Secrets are not settings: the API key is read
+from the environment variable named by ``api_key_env``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cvgen.errors import CVGenError
+from cvgen.perf import SpeedLevers
+from cvgen.serve.validation import UNKNOWN, first_error, phrase, shown
+
+DEFAULT_RESOLUTION = 512
+Location = tuple[str, ...]
 
 
-@dataclass
-class ServeConfig:
+class SettingError(CVGenError):
+    """A value that is wrong given another one; ``keys``: the key at fault, then the other."""
+
+    def __init__(self, keys: Location, message: str) -> None:
+        super().__init__(f"{keys[0]} {message}")
+        self.keys = keys
+        self.message = message
+
+
+class ServeConfig(BaseModel):
     """Everything ``cvgen serve`` and ``cvgen generate`` need; see configs/serve.yaml."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     # model
     base: str = "models/tiny"
     lora: str | None = None
-    lora_scale: float = 1.0
+    lora_scale: float = Field(1.0, ge=0)
     fuse_lora: bool = True
     scheduler: str = "dpm++"
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: str = "auto"
-    resolution: int | None = None
+    resolution: int | None = Field(None, ge=8)
     wandb_cache_dir: str = "~/.cache/cvgen/wandb"
     # HTTP
-    host: str = "0.0.0.0"
-    port: int = 8080
-    max_batch_size: int = 4
-    batch_timeout: float = 0.05
-    queue_timeout: float = 60.0
-    max_body_bytes: int = 10_000_000
+    host: Literal["0.0.0.0", "127.0.0.1", "::"] = "0.0.0.0"
+    port: int = Field(8080, ge=1024, le=65535)  # LitServe refuses ports below 1024
+    max_batch_size: int = Field(4, ge=1)
+    batch_timeout: float = Field(0.05, ge=0)
+    queue_timeout: float = Field(60.0, gt=0)
+    max_body_bytes: int = Field(10_000_000, gt=0)
     api_key_env: str = "CVGEN_API_KEY"
-    shutdown_grace: float = 8.0
-    log_level: str = "info"
+    shutdown_grace: float = Field(8.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     # request defaults and limits
-    default_strength: float = 0.6
-    default_steps: int = 30
-    default_guidance_scale: float = 7.0
+    default_strength: float = Field(0.6, gt=0, le=1)
+    default_steps: int = Field(30, ge=1)
+    default_guidance_scale: float = Field(7.0, ge=0)
     default_negative_prompt: str = ""
-    max_steps: int = 100
-    max_guidance_scale: float = 30.0
-    max_lora_scale: float = 2.0
-    max_prompt_chars: int = 1000
-    max_pixels: int = 40_000_000
-    jpeg_quality: int = 92
+    max_steps: int = Field(100, ge=1)
+    max_guidance_scale: float = Field(30.0, ge=0)
+    max_lora_scale: float = Field(2.0, ge=0)
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    jpeg_quality: int = Field(92, ge=1, le=95)
     # image_url fetching
     url_fetch: bool = True
-    url_timeout: float = 10.0
-    url_max_bytes: int = 10_000_000
-    url_max_redirects: int = 3
-    url_allowlist: list[str] = field(default_factory=list)
-    # speed levers (see cvgen.perf)
-    channels_last: bool = False
-    compile_unet: bool = False
-    compile_mode: str = "default"
-    attention: str = "sdpa"
-    allow_tf32: bool = True
-    flush_denormal: bool = True
+    url_timeout: float = Field(10.0, gt=0)
+    url_max_bytes: int = Field(10_000_000, gt=0)
+    url_max_redirects: int = Field(3, ge=0)
+    url_allowlist: list[str] = Field(default_factory=list)
+    # speed
+    levers: SpeedLevers = Field(default_factory=SpeedLevers)
     warmup: bool = True
 
-    def __post_init__(self) -> None:
-        self.check()
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        from cvgen.pipeline import SCHEDULERS
 
-    def check(self) -> None:
-        """Raise :class:`CVGenError` naming the first setting that is out of range."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+        return name
 
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise CVGenError(f"serve config: {key} must be {what}, got {getattr(self, key)!r}")
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, name: str) -> str:
+        from cvgen.pipeline import DTYPES
 
-        need(self.max_batch_size >= 1, "max_batch_size", ">= 1")
-        need(self.batch_timeout >= 0, "batch_timeout", ">= 0")
-        need(self.queue_timeout > 0, "queue_timeout", "> 0")
-        need(1 <= self.port <= 65535, "port", "in 1..65535")
-        need(self.max_body_bytes > 0, "max_body_bytes", "> 0")
-        need(self.shutdown_grace >= 0, "shutdown_grace", ">= 0")
-        need(0 < self.default_strength <= 1, "default_strength", "in (0, 1]")
-        need(self.max_steps >= 1, "max_steps", ">= 1")
-        need(1 <= self.default_steps <= self.max_steps, "default_steps", "in 1..max_steps")
-        need(
-            0 <= self.default_guidance_scale <= self.max_guidance_scale,
-            "default_guidance_scale",
-            "in [0, max_guidance_scale]",
-        )
-        need(0 <= self.lora_scale <= self.max_lora_scale, "lora_scale", "in [0, max_lora_scale]")
-        need(self.resolution is None or self.resolution >= 8, "resolution", "null or >= 8")
-        need(1 <= self.jpeg_quality <= 95, "jpeg_quality", "in 1..95")
-        need(self.url_timeout > 0, "url_timeout", "> 0")
-        need(self.url_max_bytes > 0, "url_max_bytes", "> 0")
-        need(self.url_max_redirects >= 0, "url_max_redirects", ">= 0")
-        need(self.attention in ("sdpa", "default"), "attention", "sdpa or default")
-        need(
-            self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
-            "compile_mode",
-            "default, reduce-overhead or max-autotune",
-        )
-        for net in self.url_allowlist:
+        if name != "auto" and name not in DTYPES:
+            raise ValueError(f"must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+        return name
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _networks(cls, nets: list[str]) -> list[str]:
+        for net in nets:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
-                raise CVGenError(
-                    f"serve config: url_allowlist entry {net!r} is not an IP network (CIDR)"
-                ) from None
+                raise ValueError(f"entry {net!r} is not an IP network (CIDR)") from None
+        return nets
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> ServeConfig:
+        for key, limit in (
+            ("default_steps", "max_steps"),
+            ("default_guidance_scale", "max_guidance_scale"),
+            ("lora_scale", "max_lora_scale"),
+        ):
+            value, top = getattr(self, key), getattr(self, limit)
+            if value > top:
+                raise SettingError((key, limit), f"must be <= {limit} ({top}), got {value!r}")
+        if int(self.default_steps * self.default_strength) < 1:  # img2img's own step count
+            raise SettingError(
+                ("default_steps", "default_strength"),
+                f"x default_strength must be at least 1 denoising step, got "
+                f"{self.default_steps} x {self.default_strength}",
+            )
+        return self
+
+    # --- what follows from the settings ---
+    @property
+    def lora_loaded(self) -> bool:
+        """Whether the server runs a LoRA."""
+        return bool(self.lora)
+
+    @property
+    def fixed_lora_scale(self) -> float | None:
+        """The scale the LoRA is fused at, which requests cannot change; None: no LoRA, or an
+        unfused one whose scale each request may set."""
+        return self.lora_scale if self.lora_loaded and self.fuse_lora else None
+
+    @property
+    def default_lora_scale(self) -> float:
+        """The LoRA scale of a request that sends none (0 without a LoRA)."""
+        return self.lora_scale if self.lora_loaded else 0.0
+
+    @property
+    def image_size(self) -> int:
+        """The side in px of the images this server makes: ``resolution``, else the model's."""
+        return self.resolution or model_resolution(self.base)
 
     def api_key(self) -> str | None:
         """The API key from the environment (None: auth disabled)."""
         return os.environ.get(self.api_key_env) or None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return self.model_dump_json()
 
     @classmethod
     def from_json(cls, text: str) -> ServeConfig:
-        return from_mapping(json.loads(text))
+        try:
+            return cls.model_validate_json(text)
+        except (ValidationError, SettingError) as e:
+            raise config_error(e) from None
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+def model_resolution(base: str) -> int:
+    """The native image size of a diffusers SD folder: UNet sample size x VAE downscale.
+
+    Read from the config files, without loading weights; 512 (SD 1.5) when ``base`` is not a
+    local folder.
+    """
+    root = Path(base)
+    try:
+        unet = json.loads((root / "unet" / "config.json").read_text())
+        vae = json.loads((root / "vae" / "config.json").read_text())
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return int(unet["sample_size"]) * factor
+    except (OSError, KeyError, TypeError, ValueError):
+        return DEFAULT_RESOLUTION
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Check ``value`` against the type of ``key``'s default (ints are accepted for floats)."""
-    default = ServeConfig.__dataclass_fields__[key]
-    hint = str(default.type)
-    if value is None:
-        if "None" in hint:
-            return None
-        raise CVGenError(f"serve config: {key} may not be null")
-    if hint.startswith("list"):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise CVGenError(f"serve config: {key} must be a list of strings, got {value!r}")
-        return list(value)
-    if hint.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif hint.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint.startswith("float"):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
+_LEVERS = frozenset(f.name for f in dataclasses.fields(SpeedLevers))
+
+
+def config_error(
+    error: ValidationError | SettingError, origins: Mapping[Location, str] | None = None
+) -> CVGenError:
+    """The one-line error for a failed validation; ``origins`` maps a key (a path for nested
+    keys) to where its value came from (``file:line``, ``--flag``, ``$PORT``)."""
+    if isinstance(error, SettingError):
+        places = [_origin(origins, (key,), "") for key in error.keys]
+        return CVGenError(f"{next((p for p in places if p), 'serve config')}: {error}")
+    details = first_error(error)
+    loc = tuple(str(part) for part in details["loc"])
+    message = phrase(details)
+    head = message.split(" ", 1)
+    if loc == ("levers",) and head[0] in _LEVERS and len(head) > 1:
+        loc, message = (*loc, head[0]), head[1]  # SpeedLevers checks its own fields
+    name = ".".join(loc) or "serve config"
+    if details["type"] in UNKNOWN:
+        known = _LEVERS if loc[:1] == ("levers",) else ServeConfig.model_fields
+        close = difflib.get_close_matches(loc[-1], sorted(known), n=1)
+        text = f"unknown key {name}" + (f" (did you mean {close[0]}?)" if close else "")
     else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise CVGenError(f"serve config: {key} has the wrong type ({hint}): {value!r}")
-    return value
+        got = shown(details["input"]) if details["type"] not in ("value_error", "missing") else ""
+        text = f"{name} {message}" + (f", got {got}" if got else "")
+    return CVGenError(f"{_origin(origins, loc)}: {text}")
 
 
-def from_mapping(values: Mapping[str, Any]) -> ServeConfig:
-    """A config from a mapping; unknown keys are an error."""
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        raise CVGenError(f"serve config: unknown key(s) {', '.join(unknown)}")
-    return ServeConfig(**{k: _coerce(k, v) for k, v in values.items()})
+def _origin(
+    origins: Mapping[Location, str] | None, loc: Location, default: str = "serve config"
+) -> str:
+    for n in range(len(loc), 0, -1):  # the key, else the block it is in
+        if origins and loc[:n] in origins:
+            return origins[loc[:n]]
+    return default
+
+
+def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[Location, str]]:
+    """The mapping in a YAML file and, for each key (nested keys as paths), ``file:line``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise CVGenError(f"{p}: cannot read the serve config: {e.strerror or e}") from e
+    try:
+        values = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CVGenError(f"{where}: not valid YAML: {problem}") from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise CVGenError(f"{p}: the serve config must be a mapping of keys to values")
+    origins: dict[Location, str] = {}
+
+    def walk(node: yaml.Node, prefix: Location) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                loc = (*prefix, str(key.value))
+                origins[loc] = f"{p}:{key.start_mark.line + 1}"
+                walk(value, loc)
+
+    walk(root, ())
+    return values, origins
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> ServeConfig:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` whose value is not None."""
+    """Defaults, then the YAML file at ``path``, then ``overrides`` whose value is not None.
+
+    ``origins`` names where an override came from for error messages (default ``--<key>``).
+    """
     values: dict[str, Any] = {}
+    where: dict[Location, str] = {}
     if path is not None:
-        p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise CVGenError(f"{p}: cannot read the serve config: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise CVGenError(f"{p}: not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise CVGenError(f"{p}: the serve config must be a mapping of keys to values")
-        values.update(loaded or {})
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return from_mapping(values)
+        values, where = read_yaml(path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+            where[(key,)] = (origins or {}).get(key, f"--{key}")
+    try:
+        # validated as JSON: YAML's types are JSON's, and nested blocks (levers) are mappings
+        return ServeConfig.model_validate_json(json.dumps(values, default=str))
+    except (ValidationError, SettingError) as e:
+        raise config_error(e, where) from None

@@ -1,71 +1,26 @@
 """The img2img engine behind both ``cvgen serve`` and ``cvgen generate``.
 
-It owns the diffusers pipeline (base model + LoRA, fused when the scale is fixed), brings
-photos to the model's resolution keeping the face framing, and runs batches: requests that
-share steps, strength, guidance and LoRA scale go through one pipeline call, each with its own
-prompt and seeded generator, so the same seed and inputs give the same image.
+It owns the diffusers pipeline (base model + LoRA, fused when the scale is fixed), applies the
+speed levers, and runs batches: requests that share :attr:`GenParams.BATCH_KEY` go through one
+pipeline call, each with its own prompt and seeded generator, so the same seed and inputs give
+the same image.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from cvgen.images import resize_and_crop
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.schema import GenParams
+from cvgen.serve.schema import GenParams, GenRequest, GenResult
 
 log = logging.getLogger(__name__)
-DEFAULT_RESOLUTION = 512
-
-
-@dataclass
-class GenRequest:
-    """One image to make: a photo already at the model's resolution and its parameters."""
-
-    image: Image.Image
-    params: GenParams
-
-
-@dataclass
-class GenResult:
-    """One output image with what produced it."""
-
-    image: Image.Image
-    params: GenParams
-    batch_size: int  # requests in the pipeline call that made this image
-    batch_index: int  # position in that call (0: the first)
-    predict_seconds: float  # wall time of that pipeline call
-
-
-def model_resolution(base: str) -> int:
-    """The native image size of a diffusers SD folder: UNet sample size x VAE downscale.
-
-    Read from the config files, without loading weights; 512 (SD 1.5) when ``base`` is not a
-    local folder.
-    """
-    root = Path(base)
-    try:
-        unet = json.loads((root / "unet" / "config.json").read_text())
-        vae = json.loads((root / "vae" / "config.json").read_text())
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        return int(unet["sample_size"]) * factor
-    except (OSError, KeyError, TypeError, ValueError):
-        return DEFAULT_RESOLUTION
-
-
-def prepare_image(img: Image.Image, size: int) -> Image.Image:
-    """An RGB photo brought to ``size`` x ``size``, cropped so the face stays in frame."""
-    return resize_and_crop(img, size, size)
 
 
 def group_by_key(requests: Sequence[GenRequest]) -> list[list[int]]:
@@ -83,9 +38,7 @@ class Img2ImgEngine:
         self.pipe = pipe
         self.cfg = cfg
         self.device = device
-        self.has_lora = bool(cfg.lora)
-        # fused: the scale is baked into the weights and cannot change per request
-        self.fixed_lora_scale = cfg.lora_scale if (self.has_lora and cfg.fuse_lora) else None
+        self.resolution = cfg.image_size
 
     @classmethod
     def load(cls, cfg: ServeConfig, device: str | None = None) -> Img2ImgEngine:
@@ -117,58 +70,35 @@ class Img2ImgEngine:
             engine.warmup()
         return engine
 
-    def apply_levers(self) -> list[str]:
-        """The speed levers of the config (attention, channels_last, compile, TF32)."""
-        from cvgen import perf
-
-        perf.set_tf32(self.cfg.allow_tf32)
-        if self.device == "cpu":
-            perf.set_flush_denormal(self.cfg.flush_denormal)
-        done = perf.apply_unet_levers(
-            self.pipe.unet,
-            attention=self.cfg.attention,
-            channels_last=self.cfg.channels_last,
-            compile_unet=self.cfg.compile_unet,
-            compile_mode=self.cfg.compile_mode,
-            others=(self.pipe.vae,),
+    def apply_levers(self) -> str:
+        """The config's speed levers (:class:`cvgen.perf.SpeedLevers`) on this pipeline; returns
+        the line it logs."""
+        done = self.cfg.levers.apply(
+            self.pipe.unet, others=(self.pipe.vae,), cpu=self.device == "cpu"
         )
-        log.info("speed levers: %s, tf32=%s", ", ".join(done) or "none", self.cfg.allow_tf32)
+        log.info("speed levers: %s", done)
         return done
 
     def warmup_batch_sizes(self) -> list[int]:
         """Batch sizes run at start-up: 1 and the largest (and, compiled, the ones between
         that batching can form, so no request pays for a recompile)."""
         top = self.cfg.max_batch_size
-        if self.cfg.compile_unet:
+        if self.cfg.levers.compile_unet:
             return list(range(1, top + 1))
         return sorted({1, top})
 
     def warmup(self) -> float:
         """Run the default request at each warm-up batch size (compiles the UNet, fills the
         allocator and kernel caches); returns the seconds it took."""
-        from cvgen.serve.schema import GenParams
-
         t0 = time.perf_counter()
         size = self.resolution
         image = Image.new("RGB", (size, size), (128, 110, 100))
-        params = GenParams(
-            prompt="warm-up",
-            negative_prompt=self.cfg.default_negative_prompt,
-            strength=self.cfg.default_strength,
-            steps=self.cfg.default_steps,
-            guidance_scale=self.cfg.default_guidance_scale,
-            seed=0,
-            lora_scale=self.cfg.lora_scale,
-        )
+        params = GenParams.parse({"prompt": "warm-up", "seed": 0}, self.cfg)  # the defaults
         for n in self.warmup_batch_sizes():
             self.generate([GenRequest(image, params)] * n)
         seconds = time.perf_counter() - t0
         log.info("warm-up: batch sizes %s in %.1f s", self.warmup_batch_sizes(), seconds)
         return seconds
-
-    @property
-    def resolution(self) -> int:
-        return self.cfg.resolution or model_resolution(self.cfg.base)
 
     def _generator(self, seed: int) -> torch.Generator:
         # CPU generators give the same noise on every device, so a seed means the same image
@@ -178,7 +108,7 @@ class Img2ImgEngine:
     def _run_group(self, requests: Sequence[GenRequest]) -> list[Image.Image]:
         p = requests[0].params
         kwargs: dict[str, Any] = {}
-        if self.has_lora and self.fixed_lora_scale is None:
+        if self.cfg.lora_loaded and self.cfg.fixed_lora_scale is None:
             kwargs["cross_attention_kwargs"] = {"scale": p.lora_scale}
         out = self.pipe(
             prompt=[r.params.prompt for r in requests],
@@ -201,8 +131,9 @@ class Img2ImgEngine:
             t0 = time.perf_counter()
             images = self._run_group(group)
             seconds = time.perf_counter() - t0
+            memory = self.memory()
             for pos, (i, img) in enumerate(zip(idx, images, strict=True)):
-                results[i] = GenResult(img, requests[i].params, len(idx), pos, seconds)
+                results[i] = GenResult(img, requests[i].params, len(idx), pos, seconds, memory)
         return [r for r in results if r is not None]
 
     def memory(self) -> dict[str, int]:

@@ -1,9 +1,9 @@
 """``cvgen generate``: one img2img image locally, without a server, through the server's code.
 
-The photo goes through the same decoding and framing (:mod:`cvgen.serve.ingress` rules), the
-parameters through the same validation (:func:`cvgen.serve.schema.parse_params`) and the model
-through the same :class:`cvgen.serve.engine.Img2ImgEngine`, so a seed gives the image the server
-gives for it on the same machine.
+The photo goes through the same decoding and framing (:func:`cvgen.serve.schema.decode_photo`),
+the parameters through the same validation (:meth:`cvgen.serve.schema.GenParams.parse`) and the
+model through the same :class:`cvgen.serve.engine.Img2ImgEngine`, so a seed gives the image the
+server gives for it on the same machine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from cvgen.errors import CVGenError
 from cvgen.serve.config import load_config
-from cvgen.serve.schema import PARAM_FIELDS
+from cvgen.serve.schema import GenParams
 
 
 def add_parser(sub: Any) -> None:
@@ -42,25 +42,30 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvgen.images import open_image, save_image_atomic
-    from cvgen.serve.engine import GenRequest, Img2ImgEngine, prepare_image
-    from cvgen.serve.schema import ClientError, parse_params
+    """Validate like the server, load the engine, write one image."""
+    from cvgen.images import save_image_atomic
+    from cvgen.serve.engine import Img2ImgEngine
+    from cvgen.serve.schema import ClientError, GenRequest, decode_photo
     from cvgen.serve.wandb_lora import resolve_lora
 
     overrides = {k: getattr(args, k) for k in ("base", "lora", "device", "dtype")}
     cfg = load_config(args.config, overrides)
-    cfg.lora = resolve_lora(cfg.lora, cfg.wandb_cache_dir)
-    fields = {k: getattr(args, k) for k in PARAM_FIELDS if getattr(args, k) is not None}
-    has_lora = bool(cfg.lora)
+    cfg = cfg.model_copy(update={"lora": resolve_lora(cfg.lora, cfg.wandb_cache_dir)})
+    fields = {k: getattr(args, k) for k in GenParams.model_fields if hasattr(args, k)}
     try:
-        params = parse_params(
-            fields, cfg, has_lora, cfg.lora_scale if (has_lora and cfg.fuse_lora) else None
-        )
+        params = GenParams.parse(fields, cfg)
     except ClientError as e:
         raise CVGenError(f"--{e}") from None
-    photo = open_image(args.image, max_pixels=cfg.max_pixels)
+    try:
+        data = Path(args.image).read_bytes()
+    except OSError as e:
+        raise CVGenError(f"{args.image}: cannot read: {e.strerror or e}") from None
+    try:
+        photo = decode_photo(data, "image", cfg.image_size, cfg.max_pixels)
+    except ClientError as e:
+        raise CVGenError(f"{args.image}: {e.message}") from None
     engine = Img2ImgEngine.load(cfg)
-    result = engine.generate([GenRequest(prepare_image(photo, engine.resolution), params)])[0]
+    result = engine.generate([GenRequest(photo, params)])[0]
     out = Path(args.out)
     save_image_atomic(result.image, out, quality=cfg.jpeg_quality)
     print(f"cvgen: wrote {out} ({result.image.width}x{result.image.height}, seed {params.seed})")

@@ -1,4 +1,5 @@
-"""From an HTTP request to a validated job, in the API-server process, before any queue.
+"""From an HTTP request to a validated :class:`GenRequest`, in the API-server process, before
+any queue.
 
 Validation runs here and not in the inference worker on purpose: LitServe answers a whole
 batch with the error of any one request in it, so a bad request must never reach a batch.
@@ -10,39 +11,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
-from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from cvgen.images import ImageError, open_image
 from cvgen.netfetch import FetchError, fetch_image_bytes, parse_networks
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.engine import prepare_image
-from cvgen.serve.schema import ClientError, GenParams, check_image_sources, parse_params
+from cvgen.serve.schema import ClientError, GenParams, GenRequest, check_image_sources, decode_photo
 
-MAX_ASPECT = 8
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-
-
-@dataclass
-class Job:
-    """A request that passed validation: the photo at model resolution and its parameters."""
-
-    image: Image.Image
-    params: GenParams
-    want_json: bool
-    request_id: str
-
-    def payload(self) -> dict[str, Any]:
-        """What goes through the queue to the inference worker (picklable)."""
-        return {"image": self.image, "params": self.params, "request_id": self.request_id}
 
 
 def wants_json(request: Request) -> bool:
@@ -65,23 +46,17 @@ def decode_b64(text: Any) -> bytes:
 class Ingress:
     """Reads and validates ``POST /predict`` bodies for one server configuration."""
 
-    def __init__(
-        self,
-        cfg: ServeConfig,
-        resolution: int,
-        lora_loaded: bool,
-        fixed_lora_scale: float | None,
-    ) -> None:
+    def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
-        self.resolution = resolution
-        self.lora_loaded = lora_loaded
-        self.fixed_lora_scale = fixed_lora_scale
+        self.size = cfg.image_size
         self.allowlist = parse_networks(cfg.url_allowlist)
 
     async def _read_form(self, request: Request) -> tuple[dict[str, Any], bytes | None, bool]:
         try:
             form = await request.form(max_files=2, max_fields=32)
         except (MultiPartException, HTTPException) as e:
+            if isinstance(e, HTTPException) and e.status_code == 413:
+                raise  # the body limit (LitServe's max_payload_size), answered as it is
             detail = getattr(e, "message", None) or getattr(e, "detail", "")
             raise ClientError(400, None, f"malformed form body: {detail}") from None
         except (ValueError, KeyError, UnicodeDecodeError) as e:
@@ -113,13 +88,15 @@ class Ingress:
     async def _read_json(self, request: Request) -> dict[str, Any]:
         try:
             body = json.loads(await request.body())
+        except RecursionError:  # the C decoder recurses once per level of nesting
+            raise ClientError(400, None, "the JSON body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError):
             raise ClientError(400, None, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ClientError(422, None, "the JSON body must be an object")
         return body
 
-    async def parse(self, request: Request, request_id: str) -> Job:
+    async def parse(self, request: Request, request_id: str = "") -> GenRequest:
         """Validate a request and decode its photo; :class:`ClientError` on any mistake."""
         ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if ctype in FORM_TYPES:
@@ -142,7 +119,7 @@ class Ingress:
             }
         )
         image_fields = {k: fields.pop(k) for k in ("image_b64", "image_url") if k in fields}
-        params = parse_params(fields, self.cfg, self.lora_loaded, self.fixed_lora_scale)
+        params = GenParams.parse(fields, self.cfg)
         if source == "image_b64":
             data = decode_b64(image_fields["image_b64"])
         elif source == "image_url":
@@ -163,19 +140,5 @@ class Ingress:
                 status = 403 if e.reason == "blocked_address" else 422
                 raise ClientError(status, "image_url", e.message) from None
         assert data is not None
-        image = await run_in_threadpool(self._decode, data, source)
-        return Job(image, params, wants_json(request), request_id)
-
-    def _decode(self, data: bytes, field: str) -> Image.Image:
-        try:
-            img = open_image(data, max_pixels=self.cfg.max_pixels)
-        except ImageError as e:
-            message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
-            message = message.removeprefix("<bytes>: ")
-            raise ClientError(422, field, message) from None
-        except Exception as e:  # any decoder failure on client bytes is the client's problem
-            raise ClientError(422, field, f"not a readable image ({type(e).__name__})") from None
-        if max(img.size) > MAX_ASPECT * min(img.size):
-            # scaling such a strip to cover the model's square would need huge buffers
-            raise ClientError(422, field, f"aspect ratio {img.width}x{img.height} is too extreme")
-        return prepare_image(img, self.resolution)
+        image = await run_in_threadpool(decode_photo, data, source, self.size, self.cfg.max_pixels)
+        return GenRequest(image, params, request_id)

@@ -8,8 +8,6 @@ Prometheus multiprocess mode. The server runs one API-server process, so the cou
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,6 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.process_collector import ProcessCollector
+
+from cvgen.serve.schema import GenResult
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -75,17 +75,16 @@ class ServeMetrics:
     def path_label(path: str) -> str:
         return path if path in KNOWN_PATHS else "other"
 
-    def observe_result(self, result: dict[str, Any]) -> None:
+    def observe_result(self, result: GenResult) -> None:
         """Record the model-side figures that came back with one image."""
         self.images.inc()
-        if result.get("batch_index") == 0:  # once per pipeline call, not once per image
-            self.batch_size.observe(result["batch_size"])
-            self.predict_seconds.observe(result["predict_seconds"])
-        memory = result.get("memory") or {}
-        if "rss_bytes" in memory:
-            self.worker_rss.set(memory["rss_bytes"])
-        if "gpu_bytes" in memory:
-            self.gpu_memory.set(memory["gpu_bytes"])
+        if result.batch_index == 0:  # once per pipeline call, not once per image
+            self.batch_size.observe(result.batch_size)
+            self.predict_seconds.observe(result.predict_seconds)
+        if "rss_bytes" in result.memory:
+            self.worker_rss.set(result.memory["rss_bytes"])
+        if "gpu_bytes" in result.memory:
+            self.gpu_memory.set(result.memory["gpu_bytes"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

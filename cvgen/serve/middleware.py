@@ -1,7 +1,7 @@
-"""ASGI middlewares of the server: a body-size limit, and metrics + one access-log line.
+"""The server's ASGI middleware: metrics and one access-log line per request.
 
-Both are plain ASGI (no ``BaseHTTPMiddleware``), so they see every request, including those
-that fail before a route runs.
+It is plain ASGI (no ``BaseHTTPMiddleware``), so it sees every request, including those that fail
+before a route runs. (The body limit is LitServe's ``max_payload_size``.)
 """
 
 from __future__ import annotations
@@ -16,74 +16,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cvgen.serve.logs import ACCESS_LOGGER
 from cvgen.serve.metrics import ServeMetrics
 
-access_log = logging.getLogger("cvgen.serve.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: by Content-Length up front, else while streaming."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = {"detail": f"the body is larger than {self.max_bytes} bytes", "field": None}
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                if not value.isdigit():
-                    await _send_json(send, 400, {"detail": "bad Content-Length", "field": None})
-                    return
-                if int(value) > self.max_bytes:
-                    await _send_json(send, 413, too_large)
-                    return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _send_json(send, 413, too_large)
 
 
 class ObserveMiddleware:

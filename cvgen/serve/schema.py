@@ -1,31 +1,41 @@
-"""Request fields: parsing and validation shared by the HTTP server and ``cvgen generate``.
+"""What a request is: its parameters (a pydantic model), its photo, and what comes back.
 
-Every client mistake becomes a :class:`ClientError` that carries an HTTP status and the name
-of the field at fault; nothing here touches the model.
+One request has one shape from validation to the model: :class:`GenRequest` (the photo at model
+resolution and the validated :class:`GenParams`) goes through LitServe's queue, and one
+:class:`GenResult` comes back. The HTTP server and ``cvgen generate`` validate with the same
+:meth:`GenParams.parse`. Every client mistake is a :class:`ClientError` that carries an HTTP
+status and the name of the field at fault; nothing here touches the model.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar
 
+from PIL import Image
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from cvgen.images import ImageError, open_image, resize_and_crop
 from cvgen.serve.config import ServeConfig
+from cvgen.serve.validation import UNKNOWN, first_error, phrase, shown
 
 MAX_SEED = 2**32 - 1
+MAX_ASPECT = 8
 IMAGE_FIELDS = ("image", "image_b64", "image_url")
-PARAM_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "strength",
-    "steps",
-    "guidance_scale",
-    "seed",
-    "lora_scale",
-)
-KNOWN_FIELDS = frozenset(IMAGE_FIELDS + PARAM_FIELDS)
 
 
 class ClientError(Exception):
@@ -41,153 +51,190 @@ class ClientError(Exception):
         return {"detail": str(self), "field": self.field}
 
 
-@dataclass(frozen=True)
-class GenParams:
-    """The generation parameters of one request, validated and with defaults filled in."""
-
-    prompt: str
-    negative_prompt: str
-    strength: float
-    steps: int
-    guidance_scale: float
-    seed: int
-    lora_scale: float
-
-    def batch_key(self) -> tuple[int, float, float, float]:
-        """Requests with the same key can run in one pipeline call."""
-        return (self.steps, self.strength, self.guidance_scale, self.lora_scale)
-
-    def public(self) -> dict[str, Any]:
-        """The parameters without the prompts (for headers and logs)."""
-        d = asdict(self)
-        d.pop("prompt")
-        d.pop("negative_prompt")
-        return d
+# --- field types: how a value is read from a form string or a JSON value ----------------------
 
 
-def _number(field: str, value: Any, integer: bool) -> float:
-    if isinstance(value, bool) or value is None:
-        raise ClientError(422, field, "must be a number")
-    if isinstance(value, int | float):
-        x = value
-    elif isinstance(value, str):
-        text = value.strip()
+def _number(value: Any, integer: bool) -> int | float:
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise PydanticCustomError("number", "must be {kind}", {"kind": kind})
+    if isinstance(value, str):
         try:
-            x = int(text) if integer else float(text)
+            x: int | float = int(value.strip()) if integer else float(value.strip())
         except ValueError:
-            kind = "an integer" if integer else "a number"
-            raise ClientError(422, field, f"must be {kind}, got {value[:40]!r}") from None
+            got = shown(value, 40)
+            raise PydanticCustomError(
+                "number", "must be {kind}, got {got}", {"kind": kind, "got": got}
+            ) from None
     else:
-        raise ClientError(422, field, "must be a number")
+        x = value
     if isinstance(x, float) and not math.isfinite(x):
-        raise ClientError(422, field, "must be finite")
+        raise PydanticCustomError("number", "must be finite")
     if integer and isinstance(x, float):
         if not x.is_integer():
-            raise ClientError(422, field, "must be an integer")
+            raise PydanticCustomError("number", "must be an integer")
         x = int(x)
     if not integer:
         try:
             x = float(x)
         except OverflowError:
-            raise ClientError(422, field, "is out of range") from None
+            raise PydanticCustomError("number", "is out of range") from None
     return x
 
 
-def _in_range(field: str, x: float, lo: float, hi: float, lo_open: bool = False) -> None:
-    ok = (lo < x if lo_open else lo <= x) and x <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        raise ClientError(422, field, f"must be in {left}{lo}, {hi}], got {x}")
-
-
-def _text(field: str, value: Any, limit: int) -> str:
+def _text(value: Any) -> str:
     if not isinstance(value, str):
-        raise ClientError(422, field, "must be text")
-    if len(value) > limit:
-        raise ClientError(422, field, f"is longer than {limit} characters")
+        raise PydanticCustomError("text", "must be text")
     if "\x00" in value:
-        raise ClientError(422, field, "contains a NUL character")
+        raise PydanticCustomError("text", "contains a NUL character")
     return value
 
 
-def parse_params(
-    fields: Mapping[str, Any],
-    cfg: ServeConfig,
-    lora_loaded: bool,
-    fixed_lora_scale: float | None,
-) -> GenParams:
-    """Validate the parameter fields of a request and fill in the defaults.
+Number = BeforeValidator(lambda v: _number(v, integer=False))
+Integer = BeforeValidator(lambda v: _number(v, integer=True))
+Text = BeforeValidator(_text)
 
-    ``fixed_lora_scale`` is the scale the LoRA was fused at (None when the scale can change per
-    request); a request may then only ask for that scale.
+
+def _limits(info: ValidationInfo) -> ServeConfig | None:
+    return info.context["cfg"] if info.context else None
+
+
+def at_most(key: str) -> AfterValidator:
+    """At most the config's ``key`` (checked when parsing against a config)."""
+
+    def check(value: float, info: ValidationInfo) -> float:
+        cfg = _limits(info)
+        if cfg is not None and value > getattr(cfg, key):
+            limit = getattr(cfg, key)
+            raise PydanticCustomError("limit", "must be <= {limit}", {"limit": limit})
+        return value
+
+    return AfterValidator(check)
+
+
+def max_chars(key: str) -> AfterValidator:
+    """At most the config's ``key`` characters (checked when parsing against a config)."""
+
+    def check(value: str, info: ValidationInfo) -> str:
+        cfg = _limits(info)
+        if cfg is not None and len(value) > getattr(cfg, key):
+            limit = getattr(cfg, key)
+            raise PydanticCustomError(
+                "length", "is longer than {limit} characters", {"limit": limit}
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+@dataclass(frozen=True)
+class FromConfig:
+    """A field's default when a request sends none (or a blank value): the config's ``key``."""
+
+    key: str
+
+
+def random_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+class GenParams(BaseModel):
+    """The generation parameters of one request, validated and with defaults filled in.
+
+    To add a request field, declare it here: its type with the reader for form strings
+    (``Number``, ``Integer``, ``Text``), its limits (``Field``, ``at_most``, ``max_chars``)
+    and, when the server config supplies its default, ``FromConfig(key)``. Fields in ``BATCH_KEY`` must be
+    equal for requests to share a pipeline call.
     """
-    unknown = sorted(set(fields) - KNOWN_FIELDS)
-    if unknown:
-        raise ClientError(422, unknown[0][:64], "unknown field")
 
-    def get(name: str) -> Any:
-        v = fields.get(name)
-        return None if v is None or (isinstance(v, str) and v.strip() == "") else v
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    BATCH_KEY: ClassVar[tuple[str, ...]] = ("steps", "strength", "guidance_scale", "lora_scale")
+    PRIVATE: ClassVar[frozenset[str]] = frozenset({"prompt", "negative_prompt"})
 
-    raw_prompt = fields.get("prompt")
-    if raw_prompt is None or (isinstance(raw_prompt, str) and not raw_prompt.strip()):
-        raise ClientError(422, "prompt", "is required")
-    prompt = _text("prompt", raw_prompt, cfg.max_prompt_chars).strip()
-    negative = get("negative_prompt")
-    negative_prompt = (
-        cfg.default_negative_prompt
-        if negative is None
-        else _text("negative_prompt", negative, cfg.max_prompt_chars)
-    )
+    prompt: Annotated[str, Text, max_chars("max_prompt_chars"), AfterValidator(str.strip)]
+    negative_prompt: Annotated[
+        str, Text, max_chars("max_prompt_chars"), FromConfig("default_negative_prompt")
+    ]
+    strength: Annotated[float, Number, Field(gt=0, le=1), FromConfig("default_strength")]
+    steps: Annotated[int, Integer, Field(ge=1), at_most("max_steps"), FromConfig("default_steps")]
+    guidance_scale: Annotated[
+        float,
+        Number,
+        Field(ge=0),
+        at_most("max_guidance_scale"),
+        FromConfig("default_guidance_scale"),
+    ]
+    seed: Annotated[int, Integer, Field(ge=0, le=MAX_SEED)] = Field(default_factory=random_seed)
+    lora_scale: Annotated[
+        float, Number, Field(ge=0), at_most("max_lora_scale"), FromConfig("default_lora_scale")
+    ]
 
-    strength = cfg.default_strength
-    if (v := get("strength")) is not None:
-        strength = float(_number("strength", v, integer=False))
-        _in_range("strength", strength, 0.0, 1.0, lo_open=True)
-    steps = cfg.default_steps
-    if (v := get("steps")) is not None:
-        steps = int(_number("steps", v, integer=True))
-        _in_range("steps", steps, 1, cfg.max_steps)
-    if int(steps * strength) < 1:
-        # img2img runs int(steps * strength) denoising steps; zero would be an empty run
-        raise ClientError(
-            422, "steps", f"steps x strength must be at least 1 ({steps} x {strength})"
-        )
-    guidance = cfg.default_guidance_scale
-    if (v := get("guidance_scale")) is not None:
-        guidance = float(_number("guidance_scale", v, integer=False))
-        _in_range("guidance_scale", guidance, 0.0, cfg.max_guidance_scale)
-    if (v := get("seed")) is not None:
-        seed = int(_number("seed", v, integer=True))
-        _in_range("seed", seed, 0, MAX_SEED)
-    else:
-        seed = secrets.randbelow(MAX_SEED + 1)
+    @classmethod
+    def parse(cls, fields: Mapping[str, Any], cfg: ServeConfig) -> GenParams:
+        """Validate the parameter fields of a request against ``cfg`` (its limits, defaults and
+        LoRA); a missing field, ``None`` or a blank string gets the default."""
+        sent = {
+            k: v
+            for k, v in fields.items()
+            if v is not None and not (isinstance(v, str) and not v.strip())
+        }
+        values = dict(sent)
+        for name, info in cls.model_fields.items():
+            default = next((m for m in info.metadata if isinstance(m, FromConfig)), None)
+            if default is not None and name not in values:
+                values[name] = getattr(cfg, default.key)
+        try:
+            return cls.model_validate(values, context={"cfg": cfg, "sent": frozenset(sent)})
+        except ValidationError as e:
+            raise _client_error(e) from None
 
-    lora_scale = fixed_lora_scale if fixed_lora_scale is not None else cfg.lora_scale
-    if (v := get("lora_scale")) is not None:
-        asked = float(_number("lora_scale", v, integer=False))
-        _in_range("lora_scale", asked, 0.0, cfg.max_lora_scale)
-        if not lora_loaded:
-            raise ClientError(422, "lora_scale", "this server has no LoRA loaded")
-        if fixed_lora_scale is not None and not math.isclose(asked, fixed_lora_scale):
+    @model_validator(mode="after")
+    def _servable(self, info: ValidationInfo) -> GenParams:
+        if not info.context:
+            return self
+        cfg, sent = info.context["cfg"], info.context["sent"]
+        if int(self.steps * self.strength) < 1:
+            # img2img runs int(steps * strength) denoising steps; zero would be an empty run
             raise ClientError(
                 422,
-                "lora_scale",
-                f"the LoRA is fused at scale {fixed_lora_scale}; start the server with "
-                "fuse_lora: false to vary it per request",
+                "steps",
+                f"steps x strength must be at least 1 ({self.steps} x {self.strength})",
             )
-        lora_scale = asked
-    if not lora_loaded:
-        lora_scale = 0.0
-    return GenParams(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        strength=strength,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=seed,
-        lora_scale=lora_scale,
-    )
+        if "lora_scale" in sent:
+            if not cfg.lora_loaded:
+                raise ClientError(422, "lora_scale", "this server has no LoRA loaded")
+            fixed = cfg.fixed_lora_scale
+            if fixed is not None and not math.isclose(self.lora_scale, fixed):
+                raise ClientError(
+                    422,
+                    "lora_scale",
+                    f"the LoRA is fused at scale {fixed}; start the server with "
+                    "fuse_lora: false to vary it per request",
+                )
+        return self
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with the same key can run in one pipeline call."""
+        return tuple(getattr(self, name) for name in self.BATCH_KEY)
+
+    def public(self) -> dict[str, Any]:
+        """The parameters without the prompts (for headers and logs)."""
+        return self.model_dump(exclude=set(self.PRIVATE))
+
+
+def _client_error(error: ValidationError) -> ClientError:
+    details = first_error(error)
+    name = str(details["loc"][0])[:64] if details["loc"] else None
+    if details["type"] in UNKNOWN:
+        return ClientError(422, name, "unknown field")
+    message = phrase(details)
+    if details["type"] in ("greater_than", "greater_than_equal", "less_than_equal", "limit"):
+        got = shown(details["input"], 40)
+        message += f", got {got}" if got else ""
+    return ClientError(422, name, message)
+
+
+# --- the photo ------------------------------------------------------------------------------
 
 
 def check_image_sources(present: Mapping[str, bool]) -> str:
@@ -200,3 +247,44 @@ def check_image_sources(present: Mapping[str, bool]) -> str:
     if len(used) > 1:
         raise ClientError(422, used[1], f"send only one of {', '.join(used)}")
     return used[0]
+
+
+def decode_photo(data: bytes, field: str, size: int, max_pixels: int) -> Image.Image:
+    """A client's photo, decoded (at most ``max_pixels``) and brought to ``size`` x ``size``,
+    cropped so the face stays in frame; :class:`ClientError` naming ``field`` if it cannot be."""
+    try:
+        img = open_image(data, max_pixels=max_pixels)
+    except ImageError as e:
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+        raise ClientError(422, field, message.removeprefix("<bytes>: ")) from None
+    except Exception as e:  # any decoder failure on client bytes is the client's problem
+        raise ClientError(422, field, f"not a readable image ({type(e).__name__})") from None
+    if max(img.size) > MAX_ASPECT * min(img.size):
+        # scaling such a strip to cover the model's square would need huge buffers
+        raise ClientError(422, field, f"aspect ratio {img.width}x{img.height} is too extreme")
+    return resize_and_crop(img, size, size)
+
+
+# --- what goes through the queue, and what comes back -------------------------------------
+
+
+@dataclass
+class GenRequest:
+    """One request on its way to the model: the photo at model resolution and its validated
+    parameters. This object goes through LitServe's queue to the inference worker."""
+
+    image: Image.Image
+    params: GenParams
+    request_id: str = ""
+
+
+@dataclass
+class GenResult:
+    """One generated image and what produced it. This object comes back from the worker."""
+
+    image: Image.Image
+    params: GenParams
+    batch_size: int  # requests in the pipeline call that made this image
+    batch_index: int  # position in that call (0: the first)
+    predict_seconds: float  # wall time of that pipeline call
+    memory: dict[str, int] = field(default_factory=dict)  # worker memory after the call

@@ -1,9 +1,14 @@
-"""Build the LitServer: the img2img LitAPI, a validating ``/predict``, ``/metrics`` and the
-middlewares (body limit, metrics + access log).
+"""Build the LitServer: the img2img LitAPI, a validating ``/predict``, ``/metrics``, one JSON
+shape for every error, and the metrics + access-log middleware.
 
-``/predict`` is LitServe's own request handler (queue, dynamic batching, timeouts) behind a
-route of ours that first validates the request in the API-server process: LitServe fails a
-whole batch when any request in it raises, so only valid requests may enter the queue.
+LitServe does the rest: its request queue, dynamic batching and queue timeout (504) behind
+``/predict``, its body limit (``max_payload_size``, 413), ``/health`` and graceful shutdown.
+
+``/predict`` is LitServe's own request handler behind a route of ours that first validates the
+request in the API-server process: LitServe fails a whole batch when any request in it raises,
+and it offers no hook that runs before a request is queued, so only valid requests may enter
+the queue. The route LitServe registers for the API path is replaced by that one
+(:meth:`CVGenServer._register_api_endpoints`, LitServe 0.2.x internals; a test checks them).
 """
 
 from __future__ import annotations
@@ -11,43 +16,49 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import litserve as ls
 from fastapi import Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from litserve.server import RegularRequestHandler
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
+from cvgen.images import jpeg_bytes
 from cvgen.serve.api import Img2ImgAPI
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.engine import model_resolution
-from cvgen.serve.ingress import Ingress
+from cvgen.serve.ingress import Ingress, wants_json
 from cvgen.serve.metrics import ServeMetrics
-from cvgen.serve.middleware import BodyLimitMiddleware, ObserveMiddleware
-from cvgen.serve.schema import ClientError
+from cvgen.serve.middleware import ObserveMiddleware
+from cvgen.serve.schema import ClientError, GenRequest, GenResult
 
 log = logging.getLogger(__name__)
+Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-def result_response(result: dict[str, Any], want_json: bool) -> Response:
+def result_response(result: GenResult, want_json: bool, quality: int) -> Response:
     """The HTTP answer for one generated image: JPEG bytes, or JSON with base64."""
-    params = result["params"]
+    params = result.params.public()
+    jpeg = jpeg_bytes(result.image, quality=quality)
     headers = {
         "X-Seed": str(params["seed"]),
         "X-Parameters": json.dumps(params, separators=(",", ":")),
-        "X-Batch-Size": str(result["batch_size"]),
+        "X-Batch-Size": str(result.batch_size),
     }
     if want_json:
         body = {
-            "image_b64": base64.b64encode(result["jpeg"]).decode("ascii"),
+            "image_b64": base64.b64encode(jpeg).decode("ascii"),
             "media_type": "image/jpeg",
-            "width": result["width"],
-            "height": result["height"],
+            "width": result.image.width,
+            "height": result.image.height,
             "seed": params["seed"],
             "parameters": params,
         }
         return JSONResponse(body, headers=headers)
-    return Response(result["jpeg"], media_type="image/jpeg", headers=headers)
+    return Response(jpeg, media_type="image/jpeg", headers=headers)
 
 
 class CVGenServer(ls.LitServer):
@@ -64,13 +75,52 @@ class CVGenServer(ls.LitServer):
             dependencies=[Depends(self.setup_auth(lit_api))],
             include_in_schema=False,
         )
+        self.app.add_exception_handler(HTTPException, self._http_error)
 
     async def _metrics_endpoint(self) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        """401, 404, 405, 413, 504, ...: the body every error has, ``{"detail", "field"}``."""
+        assert isinstance(exc, HTTPException)
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        detail = str(exc.detail)
+        if exc.status_code == 413 and self.max_payload_size is not None:
+            detail = f"the body is larger than {self.max_payload_size} bytes"
+        return JSONResponse(
+            {"detail": detail, "field": None}, status_code=exc.status_code, headers=exc.headers
+        )
+
     def _register_api_endpoints(self, lit_api: ls.LitAPI, request_type: Any, response_type: Any):
-        # Replaces LitServer's route for the API path with a validating one that hands the
-        # parsed job to LitServe's RegularRequestHandler (litserve 0.2.x internals).
+        """LitServe's registration, then its ``POST`` route for the API path swapped for the
+        validating one, with the same dependencies (auth)."""
+        super()._register_api_endpoints(lit_api, request_type, response_type)
+        theirs = [
+            r
+            for r in self.app.router.routes
+            if isinstance(r, APIRoute)
+            and r.path == lit_api.api_path
+            and "POST" in (r.methods or ())
+        ]
+        if len(theirs) != 1:
+            raise RuntimeError(
+                f"litserve {ls.__version__}: expected LitServer to register one POST "
+                f"{lit_api.api_path} route, found {len(theirs)}; cvgen's validating route "
+                "(cvgen/serve/server.py) needs updating for this version"
+            )
+        self.app.router.routes.remove(theirs[0])
+        self.app.add_api_route(
+            lit_api.api_path,
+            self.validating_endpoint(lit_api),
+            methods=["POST"],
+            dependencies=list(theirs[0].dependencies),
+            response_model=None,
+        )
+
+    def validating_endpoint(self, lit_api: ls.LitAPI) -> Endpoint:
+        """``POST /predict``: validate (4xx naming the field), then queue the
+        :class:`GenRequest` through LitServe's own handler and answer its :class:`GenResult`."""
         handler = RegularRequestHandler(lit_api, self)
         ingress, metrics = self.ingress, self.metrics
 
@@ -81,45 +131,31 @@ class CVGenServer(ls.LitServer):
             except ClientError as e:
                 state["error_field"] = e.field
                 return JSONResponse(e.body(), status_code=e.status)
-            result = await handler.handle_request(job.payload(), dict)
+            # request_type other than Request: LitServe queues the object as it is
+            result = await handler.handle_request(job, GenRequest)
             metrics.observe_result(result)
-            state["batch_size"] = result["batch_size"]
-            return result_response(result, job.want_json)
+            state["batch_size"] = result.batch_size
+            return await run_in_threadpool(
+                result_response, result, wants_json(request), ingress.cfg.jpeg_quality
+            )
 
-        self.app.add_api_route(
-            lit_api.api_path,
-            predict,
-            methods=["POST"],
-            dependencies=[Depends(self.setup_auth(lit_api))],
-            response_model=None,
-        )
+        return predict
 
 
 def build_server(cfg: ServeConfig, api_key: str | None = None) -> CVGenServer:
     """The LitServer for ``cfg``; ``cfg.lora`` must already be a local path (see
     :func:`cvgen.serve.wandb_lora.resolve_lora`). ``api_key`` None disables auth."""
-    api = Img2ImgAPI(cfg, api_key=api_key)
-    has_lora = bool(cfg.lora)
-    ingress = Ingress(
-        cfg,
-        resolution=cfg.resolution or model_resolution(cfg.base),
-        lora_loaded=has_lora,
-        fixed_lora_scale=cfg.lora_scale if (has_lora and cfg.fuse_lora) else None,
-    )
     metrics = ServeMetrics()
-    accelerator = "cpu" if cfg.device == "cpu" else "auto"
     server = CVGenServer(
-        api,
-        ingress,
+        Img2ImgAPI(cfg, api_key=api_key),
+        Ingress(cfg),
         metrics,
-        accelerator=accelerator,
+        accelerator="cpu" if cfg.device == "cpu" else "auto",
         devices=1,
         workers_per_device=1,
         timeout=cfg.queue_timeout,
-        middlewares=[
-            (BodyLimitMiddleware, {"max_bytes": cfg.max_body_bytes}),
-            (ObserveMiddleware, {"metrics": metrics}),
-        ],
+        max_payload_size=cfg.max_body_bytes,
+        middlewares=[(ObserveMiddleware, {"metrics": metrics})],
         disable_openapi_url=True,
     )
     # uvicorn's drain time on SIGTERM (LitServe's default is 30 s)
