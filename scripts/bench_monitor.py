@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,10 @@ def main() -> None:
         img = img.resize((side, round(side * img.height / img.width)), Image.Resampling.LANCZOS)
         row = {
             "size": f"{img.width}x{img.height}",
-            "tone_ms": median_ms(lambda img=img: tone_features(img), args.repeat),
-            "faces_ms": median_ms(lambda img=img: monitor.detect(img), args.repeat),
-            "faces_prepare_settings_ms": median_ms(
-                lambda img=img: prepare.detect(img), args.repeat
-            ),
-            "total_ms": median_ms(lambda img=img: photo_features(img, monitor), args.repeat),
+            "tone_ms": median_ms(partial(tone_features, img), args.repeat),
+            "faces_ms": median_ms(partial(monitor.detect, img), args.repeat),
+            "faces_prepare_settings_ms": median_ms(partial(prepare.detect, img), args.repeat),
+            "total_ms": median_ms(partial(photo_features, img, monitor), args.repeat),
         }
         out["photos"][f"{name}@{side}"] = row
         print(
