@@ -8,7 +8,9 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -240,3 +242,52 @@ def test_missing_monitor_extra_is_named(
         "cvgen: error: 'cvgen monitor' needs the monitoring dependencies "
         "(evidently is not installed): pip install 'cvgen[monitor]'"
     )
+
+
+def _rows(columns: dict[str, Any], n: int) -> list[dict[str, float]]:
+    return [
+        {f: float(columns[f][i]) if f in columns else 1.0 for f in FEATURE_NAMES} for i in range(n)
+    ]
+
+
+def _normal(n: int, shift: float = 0.0) -> np.ndarray:
+    """``n`` evenly spaced quantiles of the standard normal, shifted: a sample with no noise."""
+    from scipy.stats import norm
+
+    return norm.ppf((np.arange(n) + 0.5) / n) + shift
+
+
+def test_p_value_tests_share_one_false_alarm_budget() -> None:
+    """Eleven features at p < 0.05 each would alarm on a third of healthy samples: Evidently's
+    KS runs at 0.05 / 11 (Bonferroni), so p = 0.01 is not drift, p = 1e-6 is."""
+    from scipy.stats import ks_2samp
+
+    ref = profile_from_rows(
+        (f"{i}", r)
+        for i, r in enumerate(_rows({"brightness": _normal(300), "sharpness": _normal(300)}, 300))
+    )
+    cur = _rows({"brightness": _normal(60, 0.55), "sharpness": _normal(60, 1.5)}, 60)
+    p_small = ks_2samp(ref.values("brightness"), [r["brightness"] for r in cur]).pvalue
+    assert 0.05 / len(FEATURE_NAMES) < p_small < 0.05  # drift at 0.05, not at 0.05 / 11
+    result, _ = run_drift(ref, cur)
+    b, s = result.features["brightness"], result.features["sharpness"]
+    assert b["method"] == "K-S p_value" and b["threshold"] == pytest.approx(0.05 / 11)
+    assert b["score"] == pytest.approx(p_small, rel=1e-3) and b["drift"] is False
+    assert s["drift"] is True and s["score"] < 1e-6
+    assert result.drift_detected and result.drifted_features == 1
+    # an explicit --method/--threshold is used as given
+    result, _ = run_drift(ref, cur, method="ks", threshold=0.05)
+    assert result.features["brightness"]["drift"] is True
+    assert result.features["brightness"]["threshold"] == 0.05
+
+
+def test_a_large_reference_gets_evidently_s_effect_size_test() -> None:
+    ref = profile_from_rows(
+        (f"{i}", r) for i, r in enumerate(_rows({"brightness": _normal(1500)}, 1500))
+    )
+    for shift, drift in ((0.05, False), (0.3, True)):
+        result, _ = run_drift(ref, _rows({"brightness": _normal(400, shift)}, 400))
+        f = result.features["brightness"]
+        assert f["method"].startswith("Wasserstein") and f["threshold"] == 0.1  # not divided
+        assert f["score_kind"] == "distance" and f["drift"] is drift
+        assert f["score"] == pytest.approx(shift, rel=0.05)  # normed by the std (1)
