@@ -16,7 +16,7 @@ tests keep their own threshold, and ``--method``/``--threshold`` set both explic
 
 cvgen feeds Evidently the two tables, then writes its HTML report and a JSON verdict::
 
-    {"drift_detected": true, "drifted_features": 2, "feature_count": 11, "drift_share": 0.09,
+    {"drift_detected": true, "drifted_features": 2, "feature_count": 11, "drifted_share": 0.18,
      "features": {"brightness": {"drift": true, "score": 1.2e-05, "method": "K-S p_value",
                                  "threshold": 0.0045, "score_kind": "p_value", ...}, ...}, ...}
 
@@ -166,7 +166,6 @@ def run_drift(
             entry["score"] = score if math.isfinite(score) else None
             entry["method"] = cfg.get("method")
             entry["threshold"] = cfg.get("threshold")
-            entry["score_kind"] = "p_value" if "p_value" in str(cfg.get("method")) else "distance"
     dataset_drift = None
     for t in data["tests"]:
         params = t.get("metric_config", {}).get("params", {})
@@ -177,14 +176,21 @@ def run_drift(
             dataset_drift = failed
     if dataset_drift is None:
         raise RuntimeError("Evidently's report has no DriftedColumnsCount test")
+    for entry in features.values():
+        if entry["score"] is not None and entry["threshold"] is not None:
+            # p-value tests drift below their threshold, distances at or above it
+            below = entry["score"] < entry["threshold"]
+            entry["score_kind"] = "p_value" if below == entry["drift"] else "distance"
     drifted = sum(1 for f in features.values() if f["drift"])
     rule = (
         f"drift when at least {drift_share:g} of the tested features drift (Evidently "
-        "DriftedColumnsCount); each feature by the test Evidently picks"
+        "DriftedColumnsCount); each feature by "
+        + (f"the {method} test" if method else "the test Evidently picks")
+        + (f" at {threshold:g}" if threshold is not None else "")
     )
     if per_threshold:
         rule += f", p-value tests at {FAMILY_ALPHA:g} / {len(testable)} (Bonferroni)"
-    info = {"drift_share": round(drifted / len(testable), 4), "rule": rule}
+    info = {"drifted_share": round(drifted / len(testable), 4), "rule": rule}
     return DriftResult(dataset_drift, drifted, features, info), snapshot
 
 
