@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvgen.data.faces import FaceDetector
+from cvgen.data.sources import IMAGE_SUFFIXES
 from cvgen.errors import CVGenError
 from cvgen.images import ImageError, open_image
 from cvgen.monitor.features import photo_features
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # metadata keys that only ``cvgen data prepare`` writes: its images are crops
 _PREPARED_KEYS = frozenset({"source", "sha256", "dhash"})
 
