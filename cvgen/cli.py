@@ -20,6 +20,14 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 TRAIN_PACKAGES = frozenset(
     {"lightning", "jsonargparse", "dvc", "litdata", "cv2", "matplotlib", "skimage", "torchvision"}
 )
+# ... and `pip install "cvgen[monitor]"` (Evidently and what it imports; OpenCV for faces)
+MONITOR_PACKAGES = frozenset({"evidently", "pandas", "scipy", "plotly", "cv2"})
+# extra -> (its import names, what the error calls it); commands not listed need `train`
+EXTRAS = {
+    "train": (TRAIN_PACKAGES, "the training dependencies"),
+    "monitor": (MONITOR_PACKAGES, "the monitoring dependencies"),
+}
+COMMAND_EXTRA = {"monitor": "monitor"}
 # command -> module with add_parser(subparsers) that sets `func` on its parser
 TOOLS = {
     "init": "cvgen.commands.init",
@@ -27,6 +35,7 @@ TOOLS = {
     "data": "cvgen.commands.data",
     "serve": "cvgen.serve.cli",
     "generate": "cvgen.serve.generate",
+    "monitor": "cvgen.commands.monitor",
 }
 
 USAGE = """usage: cvgen <command> [options]
@@ -43,6 +52,7 @@ Tools:
   data       datasets:                cvgen data sample --out data/sample
   serve      HTTP img2img server:     cvgen serve --config configs/serve.yaml
   generate   one image, no server:    cvgen generate --image in.jpg --prompt ... --out out.jpg
+  monitor    data drift:              cvgen monitor drift --reference R --current LOG --out DIR
 """
 
 
@@ -59,13 +69,15 @@ def _available_tools() -> dict[str, str]:
 
 
 def missing_extra(command: str, error: ModuleNotFoundError) -> CVGenError | None:
-    """The error to show when ``command`` failed for want of a ``cvgen[train]`` package."""
+    """The error to show when ``command`` failed for want of a package of its extra
+    (``cvgen[train]``, or ``cvgen[monitor]`` for ``cvgen monitor``)."""
     top = (error.name or "").split(".")[0]
-    if top not in TRAIN_PACKAGES:
+    extra = COMMAND_EXTRA.get(command, "train")
+    packages, what = EXTRAS[extra]
+    if top not in packages:
         return None
     return CVGenError(
-        f"'cvgen {command}' needs the training dependencies ({top} is not installed): "
-        "pip install 'cvgen[train]'"
+        f"'cvgen {command}' needs {what} ({top} is not installed): pip install 'cvgen[{extra}]'"
     )
 
 

@@ -12,6 +12,11 @@ Output (every file written atomically)::
     DIR/metadata.jsonl            {"file_name", "text", ["split"], "source", "sha256", "dhash"}
     DIR/rejected.jsonl            {"where", "source", "reason", "detail"} per rejected row
     DIR/summary.json              rows, accepted, and rejections per reason
+    DIR/reference_profile.json    drift features of each kept photo (cvgen.monitor.profile)
+
+The reference profile is computed on each source photo as it was read (decoded and oriented),
+not on its crop: the server is sent such photos, and its drift monitoring compares them with
+these.
 
 Resuming a killed run: while the run goes on, the main thread appends each finished row to
 ``DIR/.prepare-journal.jsonl`` (one fsync'd line: an accepted row with its hashes, its crop
@@ -58,13 +63,20 @@ from cvgen.data.metadata import METADATA_FILE, DataError
 from cvgen.data.sources import Row, read_source
 from cvgen.fsutil import atomic_write_bytes, atomic_write_text
 from cvgen.images import MAX_IMAGE_PIXELS, ImageError, jpeg_bytes, open_image, resize_and_crop
+from cvgen.monitor.features import (
+    extractor_settings,
+    feature_detector,
+    photo_features,
+    round_features,
+)
+from cvgen.monitor.profile import PROFILE_FILE, ProfileError, ReferenceProfile, profile_from_rows
 from cvgen.netfetch import FetchError, is_transient
 
 REJECTED_FILE = "rejected.jsonl"
 SUMMARY_FILE = "summary.json"
 IMAGES_DIR = "images"
 JOURNAL_FILE = ".prepare-journal.jsonl"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
 # more pixels per byte of file than any photo compresses to: a decompression bomb
 BOMB_PIXELS_PER_BYTE = 100
 
@@ -157,6 +169,7 @@ class Outcome:
     detail: str = ""
     sha256: str = ""
     dhash: int = 0
+    features: dict[str, float | None] | None = None
     reused: bool = False
 
 
@@ -250,13 +263,23 @@ def frame(img: Image.Image, where: str, cfg: PrepareConfig, detector: FaceDetect
     return crop_to(img, box, size)
 
 
-def _work(i: int, row: Row, out: Path, cfg: PrepareConfig, detector: FaceDetector) -> Outcome:
+@dataclass(frozen=True)
+class Detectors:
+    """The face detectors of a run: ``frame`` crops with prepare's settings, ``features``
+    measures the photo for the reference profile (the drift monitoring's settings)."""
+
+    frame: FaceDetector
+    features: FaceDetector
+
+
+def _work(i: int, row: Row, out: Path, cfg: PrepareConfig, detectors: Detectors) -> Outcome:
     res = Outcome(i, row, output_name(row, cfg))
     try:
         data = _load(row, cfg)
         img = decode(data, row.where, cfg)
         res.sha256, res.dhash = sha256_bytes(data), dhash(img)
-        crop = frame(img, row.where, cfg, detector)
+        crop = frame(img, row.where, cfg, detectors.frame)
+        res.features = round_features(photo_features(img, detectors.features))
         # fsync'd: the crop is on disk before the journal says the row is done
         atomic_write_bytes(out / res.file_name, jpeg_bytes(crop, quality=cfg.quality))
     except Rejected as e:
@@ -272,13 +295,19 @@ def journal_header(cfg: PrepareConfig) -> dict[str, Any]:
         "journal": "cvgen data prepare",
         "version": JOURNAL_VERSION,
         "settings": cfg.outcome_settings(),
+        "features": extractor_settings(cfg.cascade),
     }
 
 
 def _journal_record(o: Outcome) -> dict[str, Any] | None:
     """The journal line of a finished row; None for a failure worth another try."""
     if not o.reason:
-        return {"name": o.file_name, "sha256": o.sha256, "dhash": f"{o.dhash:016x}"}
+        return {
+            "name": o.file_name,
+            "sha256": o.sha256,
+            "dhash": f"{o.dhash:016x}",
+            "features": o.features,
+        }
     if o.reason == "error" or is_transient(o.reason):
         return None
     return {"name": o.file_name, "where": o.row.where, "reason": o.reason, "detail": o.detail}
@@ -288,7 +317,8 @@ def _reuse(
     i: int, row: Row, name: str, journalled: dict[str, Any] | None, out: Path
 ) -> Outcome | None:
     """The outcome of a row from the journal or an earlier metadata.jsonl row, if still valid
-    (an accepted row's crop must still be there; a rejection must name the same row)."""
+    (an accepted row's crop must still be there, with its photo's features; a rejection must
+    name the same row)."""
     if journalled is None:
         return None
     try:
@@ -296,7 +326,8 @@ def _reuse(
             if journalled["where"] != row.where:
                 return None
             return Outcome(i, row, name, journalled["reason"], journalled["detail"], reused=True)
-        if not (out / name).is_file():
+        features = journalled.get("features")
+        if not (out / name).is_file() or not isinstance(features, dict):
             return None
         return Outcome(
             i,
@@ -304,14 +335,16 @@ def _reuse(
             name,
             sha256=str(journalled["sha256"]),
             dhash=int(journalled["dhash"], 16),
+            features=round_features(features),
             reused=True,
         )
     except (KeyError, TypeError, ValueError):  # a record of another shape: redo the row
         return None
 
 
-def _previous(out: Path) -> dict[str, dict[str, Any]]:
-    """Rows of an earlier run's metadata.jsonl, by file name."""
+def _previous(out: Path, cfg: PrepareConfig) -> dict[str, dict[str, Any]]:
+    """Rows of an earlier run's metadata.jsonl, by file name, with their photos' features
+    from its reference profile (none when the profile is missing or made otherwise)."""
     meta = out / METADATA_FILE
     rows: dict[str, dict[str, Any]] = {}
     if meta.is_file():
@@ -322,6 +355,14 @@ def _previous(out: Path) -> dict[str, dict[str, Any]]:
                 continue
             if isinstance(obj, dict) and "file_name" in obj:
                 rows[str(obj["file_name"])] = obj
+    try:
+        profile = ReferenceProfile.load(out / PROFILE_FILE)
+    except ProfileError:
+        return rows
+    if profile.extractor == extractor_settings(cfg.cascade):
+        for name, features in zip(profile.file_names, profile.rows, strict=True):
+            if name in rows:
+                rows[name]["features"] = features
     return rows
 
 
@@ -333,7 +374,7 @@ def _remove_stale_temps(out: Path) -> None:
 
 
 def _run(
-    todo: list[tuple[int, Row]], out: Path, cfg: PrepareConfig, detector: FaceDetector
+    todo: list[tuple[int, Row]], out: Path, cfg: PrepareConfig, detectors: Detectors
 ) -> Generator[Outcome, None, None]:
     """Process ``todo`` ``cfg.workers`` rows at a time, yielding each outcome as it finishes.
     A row starts only once the caller has taken an earlier outcome, so no more than
@@ -344,7 +385,7 @@ def _run(
         try:
             while True:
                 for i, row in itertools.islice(pending, cfg.workers - len(running)):
-                    running.add(pool.submit(_work, i, row, out, cfg, detector))
+                    running.add(pool.submit(_work, i, row, out, cfg, detectors))
                 if not running:
                     return
                 finished, running = wait(running, return_when=FIRST_COMPLETED)
@@ -371,7 +412,7 @@ def prepare(
     out_path = Path(out)
     (out_path / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out_path)
-    previous = _previous(out_path)
+    previous = _previous(out_path, cfg)
     journal, records = open_journal(out_path / JOURNAL_FILE, journal_header(cfg))
     journalled = {str(r.get("name")): r for r in records}
     outcomes: list[Outcome] = []
@@ -394,7 +435,7 @@ def prepare(
             todo.append((i, row))
         names.add(name)
     with journal:
-        detector = FaceDetector(cfg.cascade)
+        detectors = Detectors(FaceDetector(cfg.cascade), feature_detector(cfg.cascade))
         bar = tqdm(
             total=len(rows),
             desc="prepare",
@@ -402,7 +443,7 @@ def prepare(
             disable=not progress,
             initial=len(outcomes),
         )
-        with contextlib.closing(_run(todo, out_path, cfg, detector)) as results:
+        with contextlib.closing(_run(todo, out_path, cfg, detectors)) as results:
             for o in results:
                 record = _journal_record(o)
                 if record is not None:
@@ -420,9 +461,10 @@ def prepare(
 
 
 def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
-    """De-duplicate in row order (the first copy wins), write the three files, prune crops."""
+    """De-duplicate in row order (the first copy wins), write the four files, prune crops."""
     index = DuplicateIndex(cfg.near_duplicate_bits)
     meta: list[dict[str, Any]] = []
+    features: list[tuple[str, dict[str, float | None]]] = []
     rejected: list[dict[str, Any]] = []
     summary = Summary(rows=len(outcomes))
     for o in outcomes:
@@ -444,6 +486,7 @@ def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
             row["split"] = o.row.split
         row.update(source=o.row.src, sha256=o.sha256, dhash=f"{o.dhash:016x}")
         meta.append(row)
+        features.append((o.file_name, o.features or {}))
         summary.accepted += 1
     summary.rejected = dict(Counter(summary.rejected).most_common())
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in meta)
@@ -452,6 +495,10 @@ def _finish(out: Path, outcomes: list[Outcome], cfg: PrepareConfig) -> Summary:
         out / REJECTED_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected)
     )
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
+    if features:
+        profile_from_rows(features, cfg.cascade).save(out / PROFILE_FILE)
+    else:
+        (out / PROFILE_FILE).unlink(missing_ok=True)
     # crops of duplicates and of rows no longer listed go (after metadata.jsonl stops naming them)
     keep = {m["file_name"] for m in meta}
     for f in (out / IMAGES_DIR).iterdir():
