@@ -38,7 +38,7 @@ def test_training_config_parses_and_prints(config: Path, capsys) -> None:
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     # complete: every section, with the values of the file
-    for section in ("trainer", "model", "data", "checkpoint", "export", "samples"):
+    for section in ("trainer", "model", "data", "checkpoint", "ema", "export", "samples"):
         assert section in printed, section
     original = yaml.safe_load(config.read_text())
     for key, value in original["model"].items():

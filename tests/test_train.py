@@ -106,7 +106,7 @@ def test_resume_matches_an_uninterrupted_run(
 ) -> None:
     quiet = ("--trainer.logger", "false", "--trainer.limit_val_batches", "0")
     # with the EMA of the LoRA weights on: the average resumes too
-    every = ("--checkpoint.every_n_train_steps", "1", "--model.ema_decay", "0.9")
+    every = ("--checkpoint.every_n_train_steps", "1", "--ema.decay", "0.9")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(fit_args(tiny_model, sample_data, straight, 8, *quiet, *every)) == 0
     # 3 training batches per epoch: stopping at step 4 is mid-epoch
@@ -199,7 +199,7 @@ def test_gpu_config_runs_on_cpu_with_overrides(
         "true",
         "--trainer.enable_progress_bar",
         "false",
-        "--samples.num_inference_steps",
+        "--model.sampling.num_inference_steps",
         "4",
     ]
     assert main(args) == 0

@@ -19,6 +19,7 @@ from cvgen.training.callbacks import (
     StepStats,
     print_summary,
 )
+from cvgen.training.ema import EMA
 from cvgen.training.module import LoRADiffusion
 
 
@@ -86,6 +87,7 @@ class CVGenCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(EMA, "ema")
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.add_lightning_class_args(SavePredictions, "predictions")
