@@ -40,6 +40,13 @@ from cvgen.training.module import LoRADiffusion
 
 BASE_KEY = "base_config"
 CONFIG_FLAGS = ("--config", "-c")
+# LightningCLI's own optimizer options, which would replace cvgen's set-up
+# (see refuse_optimizer_args)
+OPTIMIZER_FLAGS = ("optimizer", "lr_scheduler")
+OPTIMIZER_KEYS = (
+    "model.optimizer (adamw | adamw8bit | sgd), model.learning_rate, model.text_encoder_lr, "
+    "model.weight_decay, model.lr_scheduler (constant, cosine, ...) and model.lr_warmup_steps"
+)
 
 
 def _under_root(name: str) -> Any:
@@ -162,16 +169,48 @@ def expand_configs(args: Sequence[str]) -> list[str]:
     return out
 
 
+def refuse_optimizer_args(args: Sequence[str]) -> None:
+    """cvgen builds its optimizer and LR schedule itself (LoRA parameter groups, warm-up, a
+    text-encoder learning rate): LightningCLI's ``--optimizer`` / ``--lr_scheduler`` would
+    replace all of it. Refuse them, on the command line and in the config files of ``args``
+    (expanded: bases included), saying which keys set the optimizer."""
+
+    def refused(what: str) -> CVGenError:
+        return CVGenError(
+            f"{what} is not supported: cvgen sets up the optimizer and LR schedule from "
+            f"{OPTIMIZER_KEYS}"
+        )
+
+    for i, arg in enumerate(args):
+        for name in OPTIMIZER_FLAGS:
+            if arg == f"--{name}" or arg.startswith((f"--{name}=", f"--{name}.")):
+                raise refused(f"--{name}")
+        if (i > 0 and args[i - 1] in CONFIG_FLAGS) or arg.startswith("--config="):
+            path = _config_file(arg.split("=", 1)[1] if arg.startswith("--config=") else arg)
+            data = _read_yaml(path) if path is not None else None
+            for name in OPTIMIZER_FLAGS:
+                if path is not None and isinstance(data, dict) and name in data:
+                    raise refused(f"{path}:{_key_line(path, name)}: {name}")
+
+
 class CVGenCLI(LightningCLI):
     """cvgen's LightningCLI: the model and data classes, cvgen's callbacks as config sections
-    (``checkpoint``, ``ema``, ``export``, ``samples``, ``predictions``, ``stats``) and config
-    files that build on others (``base_config``)."""
+    (``checkpoint``, ``ema``, ``export``, ``samples``, ``predictions``, ``stats``), config
+    files that build on others (``base_config``) and no LightningCLI optimizer options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the optimizer comes from the model's keys (configure_optimizers): see
+        # refuse_optimizer_args for why LightningCLI's own options are off
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
             return
-        self.config = parser.parse_args(expand_configs(sys.argv[1:] if args is None else args))
+        given = expand_configs(sys.argv[1:] if args is None else args)
+        refuse_optimizer_args(given)
+        self.config = parser.parse_args(given)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # read by expand_configs before parsing; accepted here so the file parses, and
