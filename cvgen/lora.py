@@ -89,17 +89,6 @@ def trainable_parameters(*models: nn.Module | None) -> list[nn.Parameter]:
     return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
 
 
-def cast_lora_to_fp32(*models: nn.Module | None) -> None:
-    """Keep trainable (LoRA) parameters in fp32 while the frozen base runs in bf16/fp16: the
-    optimizer updates full-precision weights and the fp16 grad scaler can unscale them."""
-    for m in models:
-        if m is None:
-            continue
-        for p in m.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-
-
 def has_lora(model: nn.Module | None) -> bool:
     return model is not None and bool(getattr(model, "peft_config", None))
 

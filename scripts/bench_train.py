@@ -224,6 +224,7 @@ def worker_cvgen(args: argparse.Namespace, cache: bool) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from cvgen.data.datamodule import PortraitDataModule
+    from cvgen.perf import SpeedLevers
     from cvgen.training.module import LoRADiffusion
 
     dev = args.device
@@ -240,9 +241,13 @@ def worker_cvgen(args: argparse.Namespace, cache: bool) -> dict[str, Any]:
         rank=4,
         learning_rate=1e-4,
         lr_scheduler="constant",
-        channels_last=args.channels_last,
-        compile_unet=args.compile,
         gradient_checkpointing=args.gradient_checkpointing,
+        # the CPU levers as configs/lora.yaml sets them
+        levers=SpeedLevers(
+            channels_last=args.channels_last,
+            compile_unet=args.compile,
+            retain_cpu_memory=True,
+        ),
     )
     cache_dir = Path(args.workdir) / "latent-cache"
     if cache and args.fresh_cache:

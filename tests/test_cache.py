@@ -16,6 +16,7 @@ from cvgen.cli import main
 from cvgen.data import cache as cache_lib
 from cvgen.data.datamodule import PortraitDataModule
 from cvgen.data.dataset import collate
+from cvgen.data.encoders import model_fingerprint
 from cvgen.lora import DIFFUSERS_WEIGHT_NAME
 from cvgen.training.module import LoRADiffusion
 
@@ -47,7 +48,7 @@ def train_set(root: Path, resolution: int = 64, **kw):
 
 def build(module, ds, cache_dir: Path, resolution: int = 64) -> cache_lib.LatentCache:
     plan = cache_lib.plan_cache(ds, train_text_encoder=False)
-    return cache_lib.build_or_load(module, ds, cache_dir, resolution, plan)
+    return cache_lib.build_or_load(module.encoders, ds, cache_dir, resolution, plan)
 
 
 def test_second_build_is_a_hit_and_changes_make_new_keys(
@@ -89,21 +90,21 @@ def test_second_build_is_a_hit_and_changes_make_new_keys(
 def test_model_fingerprint_follows_contents_not_paths(tiny_model: Path, tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(tiny_model, copy)  # copy2: same bytes, same mtimes
-    fp = cache_lib.model_fingerprint(str(tiny_model))
-    assert cache_lib.model_fingerprint(str(copy)) == fp
+    fp = model_fingerprint(str(tiny_model))
+    assert model_fingerprint(str(copy)) == fp
     # the UNet is not part of the frozen encoders: changing it keeps the cache
     (copy / "unet" / "config.json").write_text((copy / "unet" / "config.json").read_text() + " ")
-    assert cache_lib.model_fingerprint(str(copy)) == fp
+    assert model_fingerprint(str(copy)) == fp
     cfg = copy / "vae" / "config.json"
     vae = json.loads(cfg.read_text())
     vae["scaling_factor"] = 0.5
     cfg.write_text(json.dumps(vae))
-    changed = cache_lib.model_fingerprint(str(copy))
+    changed = model_fingerprint(str(copy))
     assert changed != fp
     weights = next((copy / "text_encoder").glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert cache_lib.model_fingerprint(str(copy)) != changed
-    assert cache_lib.model_fingerprint("org/model") != cache_lib.model_fingerprint("org/other")
+    assert model_fingerprint(str(copy)) != changed
+    assert model_fingerprint("org/model") != model_fingerprint("org/other")
 
 
 def test_cached_batches_give_the_pixel_loss_and_augmentation(
@@ -145,7 +146,7 @@ def test_plan_leaves_text_out_when_it_cannot_be_cached(
     assert plan.latents and not plan.text and "shuffle_captions" in plan.reasons[0]
     te = cache_lib.plan_cache(train_set(sample_data), train_text_encoder=True)
     assert te.latents and not te.text and "text encoder" in te.reasons[0]
-    cache = cache_lib.build_or_load(module, shuffled, tmp_path / "c", 64, plan)
+    cache = cache_lib.build_or_load(module.encoders, shuffled, tmp_path / "c", 64, plan)
     item = cache_lib.CachedLatentDataset(shuffled, cache)[(0, 3)]
     assert "encoder_hidden_states" not in item and item["text"] == shuffled[(0, 3)]["text"]
 
@@ -180,3 +181,48 @@ def test_fit_from_cache_matches_fit_from_pixels(
     assert main(rerun) == 0
     assert list((cached / "latent_cache").glob("*/manifest.json")) == manifests
     assert (manifests[0].stat().st_ino, manifests[0].stat().st_mtime_ns) == stamp
+
+
+def test_encoders_fingerprint_follows_their_dtype(module) -> None:
+    enc = module.encoders
+    before = enc.fingerprint
+    enc.vae.to(torch.bfloat16)
+    try:
+        assert enc.fingerprint != before  # latents encoded in another dtype: another cache
+    finally:
+        enc.vae.to(torch.float32)
+    assert enc.fingerprint == before
+
+
+def test_datamodule_serves_latents_only_with_encoders_attached(
+    module, sample_data: Path, tmp_path: Path
+) -> None:
+    """The data side gets the encoders handed over (no model, no trainer needed); without
+    them it serves pixels and says why."""
+    kw = {"root": str(sample_data), "resolution": 64, "batch_size": 2, "num_workers": 0}
+    plain = PortraitDataModule(**kw, cache_dir=str(tmp_path))
+    plain.setup("fit")
+    assert "pixel_values" in next(iter(plain.train_dataloader()))
+    assert plain.cache_status == "off: no encoders attached"
+
+    dm = PortraitDataModule(**kw, cache_dir=str(tmp_path))
+    dm.attach_encoders(module.encoders)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert {"latent_mean", "latent_std", "encoder_hidden_states"} <= set(batch)
+    assert dm.cache_status.startswith("on") and list(tmp_path.glob("*/manifest.json"))
+
+
+def test_fit_hands_the_models_encoders_to_the_datamodule(
+    tiny_model: Path, sample_data: Path, tmp_path: Path
+) -> None:
+    """A plain ``Trainer.fit(model, datamodule=dm)`` trains from the cache too: the model's
+    setup attaches its encoders."""
+    from .test_ema import quiet_trainer
+
+    model = LoRADiffusion(base=str(tiny_model))
+    dm = PortraitDataModule(root=str(sample_data), resolution=64, batch_size=2, num_workers=0)
+    quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, datamodule=dm)
+    assert dm.encoders is model.encoders
+    assert dm.cache_status.startswith("on") and dm.latent_cache is not None
+    assert list((tmp_path / "latent_cache").glob("*/manifest.json"))

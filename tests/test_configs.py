@@ -37,13 +37,28 @@ def test_training_config_parses_and_prints(config: Path, capsys) -> None:
         run_cli(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    # complete: every section, with the values of the file
-    for section in ("trainer", "model", "data", "checkpoint", "export", "samples"):
+    # complete: every section, with the values of the file (nested blocks key by key: an
+    # override file names only the keys it changes)
+    for section in ("trainer", "model", "data", "checkpoint", "ema", "export", "samples"):
         assert section in printed, section
     original = yaml.safe_load(config.read_text())
-    for key, value in original["model"].items():
-        assert printed["model"][key] == value, key
+    original.pop("base_config", None)  # resolved, not printed
+    assert "base_config" not in printed
+    assert_holds(printed, original)
     assert printed["trainer"]["logger"]["init_args"]["project"] == "cvgen"
+
+
+def assert_holds(printed: dict, original: dict, where: str = "") -> None:
+    """Every value of ``original`` is in ``printed``, nested dicts key by key."""
+    for key, value in original.items():
+        assert key in printed, where + key
+        if isinstance(value, dict) and "class_path" not in value:
+            assert_holds(printed[key], value, f"{where}{key}.")
+        elif isinstance(value, dict):  # a class: its init_args may be partial
+            assert printed[key]["class_path"] == value["class_path"], where + key
+            assert_holds(printed[key]["init_args"], value.get("init_args", {}), f"{where}{key}.")
+        else:
+            assert printed[key] == value, where + key
 
 
 def test_demo_config_instantiates_with_overrides(
@@ -83,3 +98,59 @@ def test_demo_config_instantiates_with_overrides(
     assert Path(cli.trainer.checkpoint_callback.dirpath) == tmp_path / "checkpoints"
     trainable = [n for n, p in cli.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def print_config(config: Path, capsys, *extra: str) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(config), *extra, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_demo_is_lora_yaml_plus_its_overrides(capsys) -> None:
+    """demo.yaml names only what differs; the rest resolves from lora.yaml, and a later
+    --config or flag still overrides both."""
+    demo = next(c for c in CONFIGS if c.name == "demo.yaml")
+    base = yaml.safe_load(demo.read_text())["base_config"]
+    lora = yaml.safe_load((demo.parent / base).read_text())
+    printed = print_config(demo, capsys, "--data.batch_size", "3")
+    assert printed["data"]["batch_size"] == 3
+    assert printed["trainer"]["accelerator"] == "cpu"  # demo
+    assert printed["trainer"]["gradient_clip_val"] == lora["trainer"]["gradient_clip_val"]
+    assert printed["model"]["snr_gamma"] == lora["model"]["snr_gamma"]
+    assert printed["model"]["levers"]["channels_last"] is False  # demo, inside a lora block
+    assert printed["model"]["levers"]["retain_cpu_memory"] is True  # lora, beside it
+    logger = printed["trainer"]["logger"]["init_args"]
+    assert logger["name"] == "demo" and logger["log_model"] is False
+    assert printed["ema"]["decay"] is None and lora["ema"]["decay"] == 0.999
+
+
+def test_configs_copied_together_still_resolve(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`cvgen init` copies the configs into a project folder: the base is found next to the
+    override, wherever the command runs from."""
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    for config in CONFIGS:
+        (folder / config.name).write_text(config.read_text())
+    monkeypatch.chdir(tmp_path)
+    assert print_config(folder / "demo.yaml", capsys)["trainer"]["max_steps"] == 30
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("base_config: lora.yml", "base_config 'lora.yml': no such file"),
+        ("base_config: mine.yaml", "base_config 'mine.yaml' leads back to itself"),
+        ("base_config: [lora.yaml]", "base_config must be a file name"),
+    ],
+)
+def test_a_bad_base_config_is_a_one_line_error_naming_file_and_line(
+    line: str, message: str, tmp_path: Path, capsys
+) -> None:
+    from cvgen.cli import main
+
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"# my settings\n{line}  # the base\ntrainer:\n  max_steps: 3  # short\n")
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"cvgen: error: {config}:2: {message}"), err

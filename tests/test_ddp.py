@@ -34,7 +34,7 @@ def test_ddp_two_processes_with_text_encoder_lora(
         "0",
         "--model.train_text_encoder",
         "true",
-        "--model.ema_decay",
+        "--ema.decay",
         "0.9",
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

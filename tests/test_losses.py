@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
-from cvgen.training.losses import diffusion_loss, sample_noise, snr, target_for
+from cvgen.training.losses import diffusion_loss, sample_noise, target_for
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_min_snr_weights(scheduler) -> None:
     pred, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([1, 300, 999])
     per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-    s = snr(scheduler, t)
+    s = compute_snr(scheduler, t)
     expected = (per * torch.clamp(s, max=5.0) / s).mean()
     torch.testing.assert_close(diffusion_loss(pred, target, scheduler, t, 5.0), expected)
     torch.testing.assert_close(diffusion_loss(pred, target, scheduler, t), per.mean())

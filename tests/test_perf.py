@@ -15,6 +15,7 @@ import yaml
 
 from cvgen import perf
 from cvgen.data.datamodule import PortraitDataModule
+from cvgen.perf import SpeedLevers
 from cvgen.serve.config import ServeConfig, load_config
 from cvgen.training.cli import CVGenCLI
 from cvgen.training.module import LoRADiffusion
@@ -50,8 +51,9 @@ def test_training_levers_switch_on_from_yaml(
             *("--config", str(ROOT / "configs" / "demo.yaml")),
             *("--model.base", str(tiny_model), "--data.root", str(sample_data)),
             *("--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"),
-            *("--model.channels_last", "true", "--model.compile_unet", "true"),
-            *("--model.attention", "default", "--model.allow_tf32", "false"),
+            *("--model.levers.channels_last", "true", "--model.levers.compile_unet", "true"),
+            *("--model.levers.attention", "default", "--model.levers.allow_tf32", "false"),
+            *("--model.levers.flush_denormal", "true"),
         ],
     )
     model = cli.model
@@ -62,7 +64,7 @@ def test_training_levers_switch_on_from_yaml(
     assert conv_weight(model.vae).is_contiguous(memory_format=torch.channels_last)
     assert processors(model.unet) == {"AttnProcessor"}
     assert torch.backends.cuda.matmul.allow_tf32 is False
-    assert torch.tensor(1e-40).item() == 0.0  # flush_denormal is on by default
+    assert torch.tensor(1e-40).item() == 0.0  # flush_denormal: opt-in, switched on above
     # parameter names (checkpoints, LoRA export) are unchanged by compiling in place
     assert all("_orig_mod" not in n for n, _ in model.unet.named_parameters())
 
@@ -74,6 +76,7 @@ def test_training_defaults_use_sdpa_and_no_compile(tiny_model: Path, restore_tf3
     assert not perf.is_compiled(model.unet)
     assert not conv_weight(model.unet).is_contiguous(memory_format=torch.channels_last)
     assert torch.backends.cuda.matmul.allow_tf32 is True
+    assert torch.tensor(1e-40).item() != 0.0  # flush_denormal is opt-in
 
 
 # Training's allocation pattern in miniature: a large block freed, then many mid-size ones
@@ -124,8 +127,8 @@ def test_retain_cpu_memory_follows_the_hyperparameter(
 ) -> None:
     calls: list[bool] = []
     monkeypatch.setattr(perf, "retain_cpu_memory", lambda on=True: calls.append(on) or on)
-    LoRADiffusion(base=str(tiny_model)).setup("fit")
-    LoRADiffusion(base=str(tiny_model), retain_cpu_memory=False).setup("fit")
+    for on in (True, False):
+        LoRADiffusion(base=str(tiny_model), levers=SpeedLevers(retain_cpu_memory=on)).setup("fit")
     assert calls == [True, False]
 
 

@@ -106,7 +106,7 @@ def test_resume_matches_an_uninterrupted_run(
 ) -> None:
     quiet = ("--trainer.logger", "false", "--trainer.limit_val_batches", "0")
     # with the EMA of the LoRA weights on: the average resumes too
-    every = ("--checkpoint.every_n_train_steps", "1", "--model.ema_decay", "0.9")
+    every = ("--checkpoint.every_n_train_steps", "1", "--ema.decay", "0.9")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(fit_args(tiny_model, sample_data, straight, 8, *quiet, *every)) == 0
     # 3 training batches per epoch: stopping at step 4 is mid-epoch
@@ -199,7 +199,7 @@ def test_gpu_config_runs_on_cpu_with_overrides(
         "true",
         "--trainer.enable_progress_bar",
         "false",
-        "--samples.num_inference_steps",
+        "--model.sampling.num_inference_steps",
         "4",
     ]
     assert main(args) == 0
@@ -223,3 +223,42 @@ def test_missing_base_model_is_a_cli_error(
     gen = ["generate", "--image", str(photo), "--prompt", "p", "--out", out, "--base", base]
     assert main(gen) == 2
     assert "not a diffusers Stable Diffusion folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "option"),
+    [
+        ("--optimizer", ("--optimizer", "torch.optim.SGD")),
+        (
+            "--optimizer",
+            ("--optimizer.class_path=torch.optim.SGD", "--optimizer.init_args.lr", "1"),
+        ),
+        ("--lr_scheduler", ("--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1")),
+    ],
+    ids=["optimizer", "optimizer-init-args", "lr_scheduler"],
+)
+def test_lightning_optimizer_options_are_refused_naming_cvgen_keys(
+    flag: str, option: tuple[str, ...], tiny_model: Path, sample_data: Path, tmp_path: Path, capsys
+) -> None:
+    """LightningCLI's --optimizer / --lr_scheduler would silently replace cvgen's optimizer,
+    schedule, warm-up and text-encoder LR: refused, in one line naming the keys to use."""
+    args = fit_args(tiny_model, sample_data, tmp_path / "run", 1, "--trainer.logger", "false")
+    assert main([*args, *option]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1, errors
+    assert f"{flag} is not supported" in errors[0]
+    for key in ("model.optimizer", "model.learning_rate", "model.lr_scheduler"):
+        assert key in errors[0], key
+    assert not (tmp_path / "run" / "checkpoints").exists(), "it trained anyway"
+
+
+def test_optimizer_in_a_config_file_is_refused(
+    tiny_model: Path, sample_data: Path, tmp_path: Path, capsys
+) -> None:
+    config = tmp_path / "mine.yaml"
+    config.write_text("optimizer:\n  class_path: SGD\n")
+    args = fit_args(tiny_model, sample_data, tmp_path / "run", 1, "--trainer.logger", "false")
+    assert main([*args, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}:1: optimizer is not supported" in err and "model.optimizer" in err
+    assert not (tmp_path / "run" / "checkpoints").exists(), "it trained anyway"

@@ -16,10 +16,12 @@ Which augmentations the cache can serve:
   encoder runs every step.
 - text-encoder LoRA: latents yes, text no (the text encoder trains).
 
-The cache lives in ``<cache_dir>/<key>/``; the key hashes the model (its VAE, text encoder and
-tokenizer files), the resolution and bucket sizes, the transform settings, the VAE dtype and
-the data (``metadata.jsonl`` and each image's size and mtime), so changing any of them makes a
-new cache instead of reusing a stale one. The manifest is written last, atomically: a cache
+The cache is built with the training module's :class:`~cvgen.data.encoders.FrozenEncoders`,
+which the DataModule receives through ``attach_encoders``. It lives in ``<cache_dir>/<key>/``;
+the key hashes the encoders (their VAE, text encoder and tokenizer files, and the dtypes they
+run in), the resolution and bucket sizes, the transform settings and the data
+(``metadata.jsonl`` and each image's size and mtime), so changing any of them makes a new
+cache instead of reusing a stale one. The manifest is written last, atomically: a cache
 interrupted half-way is never read.
 """
 
@@ -33,21 +35,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from cvgen.data.batches import LatentBatch, LatentItem
 from cvgen.data.dataset import PortraitDataset
+from cvgen.data.encoders import FrozenEncoders, file_stamp
 from cvgen.fsutil import atomic_path, atomic_write_text
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 LATENTS_FILE = "latents.safetensors"
 TEXT_FILE = "text.safetensors"
-MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
 
 
 @dataclass
@@ -85,42 +87,13 @@ def plan_cache(dataset: PortraitDataset, train_text_encoder: bool) -> CachePlan:
 
 
 # --------------------------------------------------------------------------- keys
-def _file_stamp(path: Path) -> list[Any]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-def model_fingerprint(base: str, revision: str | None = None, variant: str | None = None) -> str:
-    """A hash of what the frozen encoders are: for a local folder the config files' contents
-    and every weight file's size and mtime under vae/, text_encoder/ and tokenizer/; for a hub
-    id, the id, revision and variant."""
-    h = hashlib.sha256(json.dumps([revision, variant]).encode())
-    root = Path(base)
-    if not root.is_dir():
-        h.update(f"hub:{base}".encode())
-        return h.hexdigest()
-    for part in MODEL_PARTS:
-        folder = root / part
-        if not folder.is_dir():
-            continue
-        for p in sorted(folder.rglob("*")):
-            if not p.is_file():
-                continue
-            h.update(str(p.relative_to(root)).encode())
-            if p.suffix in (".json", ".txt"):
-                h.update(p.read_bytes())
-            else:
-                h.update(json.dumps(_file_stamp(p)).encode())
-    return h.hexdigest()
-
-
 def data_fingerprint(dataset: PortraitDataset) -> str:
     """A hash of the training records: each image's path, size and mtime, its caption and its
     target size, plus the ``metadata.jsonl`` files they came from."""
     h = hashlib.sha256()
     metadata_files = set()
     for rec, size in zip(dataset.records, dataset.sizes, strict=True):
-        h.update(json.dumps([str(rec.path), rec.text, list(size), *_file_stamp(rec.path)]).encode())
+        h.update(json.dumps([str(rec.path), rec.text, list(size), *file_stamp(rec.path)]).encode())
         metadata_files.add(rec.path.parent)
     for folder in sorted(metadata_files):
         for candidate in (folder / "metadata.jsonl", folder.parent / "metadata.jsonl"):
@@ -129,19 +102,18 @@ def data_fingerprint(dataset: PortraitDataset) -> str:
     return h.hexdigest()
 
 
-def cache_key(module: Any, dataset: PortraitDataset, plan: CachePlan, resolution: int) -> str:
-    """The cache key: model, resolution and buckets, transforms, VAE dtype and data."""
-    hp = module.hparams
+def cache_key(
+    encoders: FrozenEncoders, dataset: PortraitDataset, plan: CachePlan, resolution: int
+) -> str:
+    """The cache key: encoders (files and dtypes), resolution and buckets, transforms and data."""
     parts = {
         "version": CACHE_VERSION,
-        "model": model_fingerprint(hp.base, hp.revision, hp.variant),
+        "encoders": encoders.fingerprint,
         "resolution": resolution,
         "sizes": sorted({tuple(s) for s in dataset.sizes}),
         "flip": plan.flip,
         "text": plan.text,
         "empty_caption": plan.empty_caption,
-        "vae_dtype": str(module.vae.dtype),
-        "text_dtype": str(module.text_encoder.dtype),
         "data": data_fingerprint(dataset),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -171,13 +143,12 @@ class LatentCache:
 
 @torch.no_grad()
 def _encode_all(
-    module: Any, dataset: PortraitDataset, plan: CachePlan, batch_size: int
+    encoders: FrozenEncoders, dataset: PortraitDataset, plan: CachePlan, batch_size: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
     plain = copy.copy(dataset)  # the same records and sizes, without augmentation
     plain.random_flip = False
     plain.caption_dropout = 0.0
     plain.shuffle_captions = False
-    vae = module.vae
     by_size: dict[tuple[int, ...], list[int]] = {}
     for i, size in enumerate(dataset.sizes):
         by_size.setdefault(tuple(size), []).append(i)
@@ -190,7 +161,7 @@ def _encode_all(
             if plan.flip:
                 variants.append(("flip_", torch.flip(pixels, dims=[-1])))
             for prefix, px in variants:
-                dist = vae.encode(px.to(module.device, vae.dtype)).latent_dist
+                dist = encoders.encode_images(px)
                 for j, i in enumerate(chunk):
                     latents[f"{prefix}mean.{i}"] = dist.mean[j].float().cpu().contiguous()
                     latents[f"{prefix}std.{i}"] = dist.std[j].float().cpu().contiguous()
@@ -201,7 +172,7 @@ def _encode_all(
             {r.text for r in dataset.records} | ({""} if plan.empty_caption else set())
         )
         for start in range(0, len(captions), batch_size):
-            hidden = module.encode_text(captions[start : start + batch_size])
+            hidden = encoders.encode_text(captions[start : start + batch_size])
             for j in range(hidden.shape[0]):
                 text[f"text.{start + j}"] = hidden[j].float().cpu().contiguous()
     return latents, text, captions
@@ -213,7 +184,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def build_or_load(
-    module: Any,
+    encoders: FrozenEncoders,
     dataset: PortraitDataset,
     cache_dir: str | os.PathLike[str],
     resolution: int,
@@ -222,10 +193,10 @@ def build_or_load(
     write: bool = True,
 ) -> LatentCache:
     """Load the cache for ``dataset`` if one with the same key exists, else encode the
-    dataset with ``module``'s frozen VAE / text encoder (on its device) and store it.
+    dataset with the frozen VAE / text encoder of ``encoders`` (on their device) and store it.
     With ``write`` false (ranks other than 0) the cache must exist already."""
     t0 = time.perf_counter()
-    key = cache_key(module, dataset, plan, resolution)
+    key = cache_key(encoders, dataset, plan, resolution)
     folder = Path(cache_dir) / key
     manifest_path = folder / MANIFEST
     hit = manifest_path.is_file()
@@ -237,7 +208,7 @@ def build_or_load(
     elif not write:
         raise FileNotFoundError(f"latent cache {folder} was not written by rank 0")
     else:
-        latents, text, captions = _encode_all(module, dataset, plan, batch_size)
+        latents, text, captions = _encode_all(encoders, dataset, plan, batch_size)
         folder.mkdir(parents=True, exist_ok=True)
         _save_tensors(latents, folder / LATENTS_FILE)
         if captions:
@@ -245,7 +216,7 @@ def build_or_load(
         manifest = {
             "version": CACHE_VERSION,
             "key": key,
-            "base": str(module.hparams.base),
+            "base": encoders.source,
             "resolution": resolution,
             "items": len(dataset),
             "flip": plan.flip,
@@ -276,8 +247,7 @@ def build_or_load(
 
 # ----------------------------------------------------------------------- dataset
 class CachedLatentDataset(Dataset):
-    """Serves ``{"latent_mean", "latent_std", "encoder_hidden_states"?, "text", "index"}``
-    from a :class:`LatentCache`, with the base dataset's per-sample augmentation decisions;
+    """Serves :class:`~cvgen.data.batches.LatentItem` from a :class:`LatentCache`, with the base dataset's per-sample augmentation decisions;
     keys are ``(index, epoch)`` pairs or plain indices, as for :class:`PortraitDataset`."""
 
     def __init__(self, base: PortraitDataset, cache: LatentCache) -> None:
@@ -287,7 +257,7 @@ class CachedLatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> LatentItem:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         flip, text = self.base.augmentation(index, epoch)
         c = self.cache
@@ -296,21 +266,21 @@ class CachedLatentDataset(Dataset):
             mean, std = c.mean_flip[index], c.std_flip[index]
         else:
             mean, std = c.mean[index], c.std[index]
-        item: dict[str, Any] = {"latent_mean": mean, "latent_std": std, "text": text}
-        item["index"] = index
+        item = LatentItem(latent_mean=mean, latent_std=std, text=text, index=index)
         if c.plan.text:
             item["encoder_hidden_states"] = c.text[text]
         return item
 
 
-def collate_cached(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def collate_cached(items: Sequence[LatentItem]) -> LatentBatch:
     """Stack cached items into a batch (``encoder_hidden_states`` when every item has it)."""
-    batch: dict[str, Any] = {
-        "latent_mean": torch.stack([it["latent_mean"] for it in items]),
-        "latent_std": torch.stack([it["latent_std"] for it in items]),
-        "text": [it["text"] for it in items],
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-    }
-    if all("encoder_hidden_states" in it for it in items):
-        batch["encoder_hidden_states"] = torch.stack([it["encoder_hidden_states"] for it in items])
+    batch = LatentBatch(
+        latent_mean=torch.stack([it["latent_mean"] for it in items]),
+        latent_std=torch.stack([it["latent_std"] for it in items]),
+        text=[it["text"] for it in items],
+        index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+    )
+    hidden = [it.get("encoder_hidden_states") for it in items]
+    if all(h is not None for h in hidden):
+        batch["encoder_hidden_states"] = torch.stack(hidden)  # type: ignore[arg-type]
     return batch

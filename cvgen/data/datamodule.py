@@ -10,14 +10,17 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
+from cvgen.data.batches import Batch
 from cvgen.data.buckets import make_buckets, nearest_bucket
 from cvgen.data.dataset import PortraitDataset, collate, image_size
+from cvgen.data.encoders import FrozenEncoders
 from cvgen.data.metadata import DataError, Record, read_metadata, split_records
 from cvgen.data.sampler import BucketBatchSampler, ResumableDataLoader
 from cvgen.data.stream_layout import is_stream_root, stream_dirs
 from cvgen.data.version import find_data_version
 
 if TYPE_CHECKING:  # litdata is imported only when streaming
+    from cvgen.data.cache import LatentCache
     from cvgen.data.stream import StreamingPortraitDataset
 
 
@@ -60,8 +63,9 @@ class PortraitDataModule(pl.LightningDataModule):
         pin_memory: pinned host memory for faster copies to the GPU.
         persistent_workers: keep worker processes alive between epochs.
         cache_latents: encode the training set once with the frozen VAE (and text encoder)
-            and train from the stored latent distributions (see :mod:`cvgen.data.cache`);
-            parts the augmentations rule out are left out, with a log line saying why.
+            and train from the stored latent distributions (see :mod:`cvgen.data.cache`;
+            the encoders come from the model through :meth:`attach_encoders`); parts the
+            augmentations rule out are left out, with a log line saying why.
         cache_dir: where latent caches are kept (default: ``<default_root_dir>/latent_cache``);
             share one folder between runs to reuse caches.
         cache_batch_size: images per VAE call while building the cache.
@@ -118,7 +122,8 @@ class PortraitDataModule(pl.LightningDataModule):
         self.stream_val: StreamingPortraitDataset | None = None
         self.data_version: str | None = None
         self.data_version_info: dict[str, str] | None = None
-        self.latent_cache: Any = None  # cvgen.data.cache.LatentCache when training from one
+        self.encoders: FrozenEncoders | None = None  # see attach_encoders
+        self.latent_cache: LatentCache | None = None  # when training from the cache
         self.cache_status = "off"
 
     @property
@@ -261,9 +266,17 @@ class PortraitDataModule(pl.LightningDataModule):
         self._train_loader = ResumableDataLoader(dataset, batch_sampler=sampler, **kwargs)
         return self._train_loader
 
-    def _cached_train_set(self) -> tuple[Any, dict[str, Any]]:
+    def attach_encoders(self, encoders: FrozenEncoders | None) -> None:
+        """The frozen encoders to build the latent cache with (``None``: train from pixels).
+
+        The training module hands over its own in its ``setup``
+        (:class:`~cvgen.training.module.LoRADiffusion` does), so every way of running a fit
+        gets the cache; call it yourself when pairing this DataModule with another model."""
+        self.encoders = encoders
+
+    def _cached_train_set(self) -> tuple[Dataset, dict[str, Any]]:
         """The training dataset and loader arguments: from the latent cache when it is on and
-        a model is attached, else the images (see :mod:`cvgen.data.cache`)."""
+        encoders are attached, else the images (see :mod:`cvgen.data.cache`)."""
         from lightning.pytorch.utilities import rank_zero_info
 
         from cvgen.data import cache as cache_lib
@@ -271,25 +284,29 @@ class PortraitDataModule(pl.LightningDataModule):
         assert self.train_set is not None
         kwargs = self._loader_kwargs()
         hp: Any = self.hparams
-        trainer: Any = getattr(self, "trainer", None)
-        module = trainer.lightning_module if trainer is not None else None
         if not hp.cache_latents:
             self.cache_status = "off: data.cache_latents is false"
             return self.train_set, kwargs
-        if module is None or not hasattr(module, "vae"):
-            self.cache_status = "off: no model attached"
+        encoders = self.encoders
+        if encoders is None:
+            self.cache_status = "off: no encoders attached"
             return self.train_set, kwargs
-        plan = cache_lib.plan_cache(self.train_set, module.te_spec is not None)
-        root = hp.cache_dir or os.path.join(trainer.default_root_dir, "latent_cache")
-        if trainer.is_global_zero:
-            self.latent_cache = cache_lib.build_or_load(
-                module, self.train_set, root, self.resolution, plan, hp.cache_batch_size
+        plan = cache_lib.plan_cache(self.train_set, encoders.text_trains)
+        trainer = getattr(self, "trainer", None)
+        run_dir = trainer.default_root_dir if trainer is not None else os.getcwd()
+        root = hp.cache_dir or os.path.join(run_dir, "latent_cache")
+        rank_zero = trainer is None or trainer.is_global_zero
+        if rank_zero:
+            cache = cache_lib.build_or_load(
+                encoders, self.train_set, root, self.resolution, plan, hp.cache_batch_size
             )
-        trainer.strategy.barrier("cvgen_latent_cache")
-        if not trainer.is_global_zero:
-            self.latent_cache = cache_lib.build_or_load(
-                module, self.train_set, root, self.resolution, plan, write=False
+        if trainer is not None:
+            trainer.strategy.barrier("cvgen_latent_cache")
+        if not rank_zero:
+            cache = cache_lib.build_or_load(
+                encoders, self.train_set, root, self.resolution, plan, write=False
             )
+        self.latent_cache = cache
         parts = "latents" + (" + text embeddings" if plan.text else "")
         self.cache_status = f"on: {parts}" + (
             f"; text not cached: {'; '.join(plan.reasons)}" if plan.reasons else ""
@@ -297,7 +314,7 @@ class PortraitDataModule(pl.LightningDataModule):
         rank_zero_info(f"cvgen: latent cache {self.cache_status}")
         # no decoding left to do: items are tensor look-ups, cheaper in-process than over IPC
         kwargs.update(collate_fn=cache_lib.collate_cached, num_workers=0, persistent_workers=False)
-        return cache_lib.CachedLatentDataset(self.train_set, self.latent_cache), kwargs
+        return cache_lib.CachedLatentDataset(self.train_set, cache), kwargs
 
     def val_dataloader(self) -> DataLoader:
         if self.streaming:
@@ -315,7 +332,7 @@ class PortraitDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         # Count the batches the training loop has taken (not those prefetched), so a
         # checkpoint records exactly where in the epoch training stands.
         trainer = getattr(self, "trainer", None)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from cvgen.data.batches import PixelBatch, PixelItem
 from cvgen.data.metadata import DataError, Record
 from cvgen.images import ImageError, open_image, resize_and_crop, to_tensor
 
@@ -90,7 +91,7 @@ class PortraitDataset(Dataset):
             self.keep_tokens,
         )
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> PixelItem:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rec = self.records[index]
         try:
@@ -102,15 +103,16 @@ class PortraitDataset(Dataset):
         flip, text = self.augmentation(index, epoch)
         if flip:
             img = ImageOps.mirror(img)
-        return {"pixel_values": to_tensor(img), "text": text, "index": index}
+        return PixelItem(pixel_values=to_tensor(img), text=text, index=index)
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-        "text": [it["text"] for it in items],
-        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-    }
+def collate(items: Sequence[PixelItem]) -> PixelBatch:
+    """Stack image items (folder or stream) into a batch."""
+    return PixelBatch(
+        pixel_values=torch.stack([it["pixel_values"] for it in items]),
+        text=[it["text"] for it in items],
+        index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+    )
 
 
 def image_size(path: Any) -> tuple[int, int]:

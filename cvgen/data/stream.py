@@ -31,6 +31,7 @@ from typing import Any
 
 from litdata import StreamingDataset
 
+from cvgen.data.batches import PixelItem
 from cvgen.data.dataset import augment
 from cvgen.data.metadata import DataError, read_metadata, split_records
 from cvgen.data.stream_layout import INDEX_FILE, is_remote
@@ -163,7 +164,7 @@ class StreamingPortraitDataset(StreamingDataset):
         self.keep_tokens = keep_tokens
         self.random_flip = random_flip
 
-    def __getitem__(self, index: Any) -> dict[str, Any]:
+    def __getitem__(self, index: Any) -> PixelItem:  # type: ignore[override]
         item = super().__getitem__(index)
         idx = int(item["index"])
         epoch = int(self.current_epoch)
@@ -188,4 +189,4 @@ class StreamingPortraitDataset(StreamingDataset):
             from PIL import ImageOps
 
             img = ImageOps.mirror(img)
-        return {"pixel_values": to_tensor(img), "text": text, "index": idx}
+        return PixelItem(pixel_values=to_tensor(img), text=text, index=idx)

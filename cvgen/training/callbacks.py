@@ -1,4 +1,5 @@
-"""Training callbacks: LoRA export, sample images, and a checkpoint that knows its folder."""
+"""Training callbacks: LoRA export, sample images, predictions and step statistics (the
+moving average of the weights is :class:`cvgen.training.ema.EMA`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cvgen import lora as lora_lib
+from cvgen.data.batches import batch_size_of
+from cvgen.training.ema import averaged_weights, find_ema
+from cvgen.training.module import LoRADiffusion
 
 
 class LoRAExport(Callback):
     """Writes the LoRA (diffusers + kohya formats) into ``dirpath``, atomically: every
     ``every_n_train_steps`` steps, after each validation, and at the end of training. With
-    ``model.ema_decay`` set, the exported weights are the moving average.
+    the :class:`~cvgen.training.ema.EMA` callback on (``ema.decay``), the exported weights are
+    the moving average.
 
     Args:
         dirpath: output folder (the CLI sets ``<default_root_dir>/lora``).
@@ -58,10 +63,10 @@ class LoRAExport(Callback):
             "data_version": getattr(getattr(trainer, "datamodule", None), "data_version", None),
         }
         te = module.text_encoder if module.te_spec is not None else None
-        ema = module.ema
+        ema = find_ema(trainer)
         if ema is not None and ema.ready:
-            info["ema"] = {"decay": ema.decay, "updates": ema.updates}
-        with module.ema_weights():  # the averaged weights when EMA is on
+            info["ema"] = ema.describe()
+        with averaged_weights(trainer, module):  # the averaged weights when EMA is on
             self.last_export = lora_lib.save_lora(
                 self._dir(trainer), module.unet, te, kohya=self.kohya, info=info
             )
@@ -105,19 +110,14 @@ class LoRAExport(Callback):
 
 
 class SampleImages(Callback):
-    """At each validation, img2img on held-out photos with fixed seeds and prompts: a PNG grid
-    in ``dirpath`` (rows: input | base model | with LoRA) and an image logged to the logger.
+    """At each validation, img2img on held-out photos with the model's sampling settings
+    (``model.sampling``, shared with ``cvgen predict``): a PNG grid in ``dirpath`` (rows:
+    input | base model | with LoRA) and an image logged to the logger.
 
     Args:
         dirpath: output folder (the CLI sets ``<default_root_dir>/samples``).
         num_images: held-out photos to sample (at most).
         prompts: prompts to use, cycled over the photos (default: each photo's caption).
-        negative_prompt: negative prompt for classifier-free guidance.
-        strength: img2img strength in (0, 1]; ``steps * strength`` denoising steps run.
-        num_inference_steps: scheduler steps at strength 1.
-        guidance_scale: classifier-free guidance scale.
-        scheduler: sampling scheduler (``dpm++``, ``ddim``, ``euler``, ``euler_a``, ...).
-        seed: seed of the first image (image i uses ``seed + i``).
         at_start: also sample before training starts (a baseline row).
     """
 
@@ -126,25 +126,11 @@ class SampleImages(Callback):
         dirpath: str | None = None,
         num_images: int = 4,
         prompts: list[str] | None = None,
-        negative_prompt: str = "blurry, deformed, low quality, cartoon",
-        strength: float = 0.6,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
-        scheduler: str = "dpm++",
-        seed: int = 0,
         at_start: bool = False,
     ) -> None:
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
         self.dirpath = dirpath
         self.num_images = num_images
         self.prompts = prompts
-        self.negative_prompt = negative_prompt
-        self.strength = strength
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.scheduler = scheduler
-        self.seed = seed
         self.at_start = at_start
         self.last_grid: Path | None = None
 
@@ -166,34 +152,13 @@ class SampleImages(Callback):
         return items
 
     @torch.no_grad()
-    def sample(self, trainer: pl.Trainer, module: Any) -> Path | None:
+    def sample(self, trainer: pl.Trainer, module: LoRADiffusion) -> Path | None:
         from cvgen.images import make_grid, save_image_atomic
-        from cvgen.pipeline import pipeline_from_components
 
         inputs = self._inputs(trainer)
         if not inputs:
             return None
-        pipe = pipeline_from_components(module, self.scheduler)
-        device = module.device
-        autocast = (
-            torch.autocast(device.type, dtype=module.weight_dtype)
-            if module.weight_dtype != torch.float32
-            else torch.autocast(device.type, enabled=False)
-        )
-
-        def run(image: Any, prompt: str, seed: int) -> Any:
-            g = torch.Generator().manual_seed(seed)
-            with autocast:
-                return pipe(
-                    prompt=prompt,
-                    negative_prompt=self.negative_prompt or None,
-                    image=image,
-                    strength=self.strength,
-                    num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale,
-                    generator=g,
-                ).images[0]
-
+        seed = module.sampling.seed
         rows, captions = [], []
         was_training = module.training
         module.eval()
@@ -203,12 +168,12 @@ class SampleImages(Callback):
                 if module.te_spec is not None:
                     module.text_encoder.disable_adapters()
                 try:
-                    base_out = run(image, prompt, self.seed + i)
+                    (base_out,) = module.generate([image], [prompt], [seed + i])
                 finally:
                     module.unet.enable_adapters()
                     if module.te_spec is not None:
                         module.text_encoder.enable_adapters()
-                lora_out = run(image, prompt, self.seed + i)
+                (lora_out,) = module.generate([image], [prompt], [seed + i])
                 rows.append([image, base_out, lora_out])
                 captions.append(prompt)
         finally:
@@ -231,12 +196,20 @@ class SampleImages(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.at_start and trainer.is_global_zero:
-            self.sample(trainer, module)
+            self.sample(trainer, self._model(module))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        self.sample(trainer, module)
+        self.sample(trainer, self._model(module))
+
+    @staticmethod
+    def _model(module: pl.LightningModule) -> LoRADiffusion:
+        if not isinstance(module, LoRADiffusion):
+            raise TypeError(
+                f"SampleImages needs a LoRADiffusion model, got {type(module).__name__}"
+            )
+        return module
 
 
 class SavePredictions(BasePredictionWriter):
@@ -314,8 +287,6 @@ class StepStats(Callback):
         elapsed = time.perf_counter() - self._t0
         if trainer.global_step <= self.warmup_steps:
             return
-        from cvgen.training.module import batch_size_of
-
         n = batch_size_of(batch) * trainer.world_size
         self.step_times.append(elapsed)
         self.images += n

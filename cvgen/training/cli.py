@@ -1,17 +1,33 @@
-"""LightningCLI for cvgen: ``cvgen fit|validate|test|predict --config configs/<name>.yaml``."""
+"""LightningCLI for cvgen: ``cvgen fit|validate|test|predict --config configs/<name>.yaml``.
+
+A config file may start from another one: a top-level ``base_config: lora.yaml`` (relative
+to the file) loads that file first and the rest of the file overrides it, key by key, as a
+second ``--config`` would (see :func:`expand_configs`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import netrc
 import os
+import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 
 from cvgen.data.datamodule import PortraitDataModule
+from cvgen.errors import CVGenError
 from cvgen.training.callbacks import (
     LoRAExport,
     SampleImages,
@@ -19,7 +35,18 @@ from cvgen.training.callbacks import (
     StepStats,
     print_summary,
 )
+from cvgen.training.ema import EMA
 from cvgen.training.module import LoRADiffusion
+
+BASE_KEY = "base_config"
+CONFIG_FLAGS = ("--config", "-c")
+# LightningCLI's own optimizer options, which would replace cvgen's set-up
+# (see refuse_optimizer_args)
+OPTIMIZER_FLAGS = ("optimizer", "lr_scheduler")
+OPTIMIZER_KEYS = (
+    "model.optimizer (adamw | adamw8bit | sgd), model.learning_rate, model.text_encoder_lr, "
+    "model.weight_decay, model.lr_scheduler (constant, cosine, ...) and model.lr_warmup_steps"
+)
 
 
 def _under_root(name: str) -> Any:
@@ -74,8 +101,121 @@ class LoggedSaveConfig(SaveConfigCallback):
                 print(f"cvgen: could not log the config to {type(logger).__name__}: {e}")
 
 
+def _key_line(path: Path, key: str) -> int:
+    """The line of a top-level ``key`` in a YAML file (1 when not found)."""
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.startswith(f"{key}:"):
+            return i
+    return 1
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # not a readable YAML file: jsonargparse says what is wrong with it
+
+
+def _config_file(value: str) -> Path | None:
+    """``value`` of ``--config`` as a path when it names a file (it may also be YAML text)."""
+    try:
+        return Path(value) if Path(value).is_file() else None
+    except OSError:  # e.g. YAML text longer than a file name may be
+        return None
+
+
+def config_stack(path: Path, _inside: tuple[Path, ...] = ()) -> list[Path]:
+    """The config files ``path`` stands for, base first: itself, preceded by the file its
+    top-level ``base_config`` names (relative to it), and so on. A missing base, a non-string
+    one or a cycle is a :class:`~cvgen.errors.CVGenError` naming the file and line."""
+    data = _read_yaml(path)
+    base = data.get(BASE_KEY) if isinstance(data, dict) else None
+    if base is None:
+        return [path]
+    where = f"{path}:{_key_line(path, BASE_KEY)}"
+    if not isinstance(base, str) or not base:
+        raise CVGenError(f"{where}: {BASE_KEY} must be a file name, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise CVGenError(f"{where}: {BASE_KEY} {base!r}: no such file ({base_path})")
+    if base_path.resolve() in (*_inside, path.resolve()):
+        raise CVGenError(f"{where}: {BASE_KEY} {base!r} leads back to itself")
+    return [*config_stack(base_path, (*_inside, path.resolve())), path]
+
+
+def expand_configs(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``--config FILE`` preceded by the files it builds on
+    (:func:`config_stack`): ``--config demo.yaml`` becomes ``--config lora.yaml --config
+    demo.yaml``, so the parser merges them in that order, later values winning."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == f"--{BASE_KEY}" or arg.startswith(f"--{BASE_KEY}="):
+            raise CVGenError(f"{BASE_KEY} is a key of config files, not a command-line option")
+        flag, value = arg, None
+        if arg.startswith("--config="):
+            flag, value = "--config", arg.split("=", 1)[1]
+        elif arg in CONFIG_FLAGS and i + 1 < len(args):
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if value is None:
+            out.append(arg)
+            continue
+        path = _config_file(value)
+        for f in config_stack(path) if path is not None else [value]:
+            out += [flag, str(f)]
+    return out
+
+
+def refuse_optimizer_args(args: Sequence[str]) -> None:
+    """cvgen builds its optimizer and LR schedule itself (LoRA parameter groups, warm-up, a
+    text-encoder learning rate): LightningCLI's ``--optimizer`` / ``--lr_scheduler`` would
+    replace all of it. Refuse them, on the command line and in the config files of ``args``
+    (expanded: bases included), saying which keys set the optimizer."""
+
+    def refused(what: str) -> CVGenError:
+        return CVGenError(
+            f"{what} is not supported: cvgen sets up the optimizer and LR schedule from "
+            f"{OPTIMIZER_KEYS}"
+        )
+
+    for i, arg in enumerate(args):
+        for name in OPTIMIZER_FLAGS:
+            if arg == f"--{name}" or arg.startswith((f"--{name}=", f"--{name}.")):
+                raise refused(f"--{name}")
+        if (i > 0 and args[i - 1] in CONFIG_FLAGS) or arg.startswith("--config="):
+            path = _config_file(arg.split("=", 1)[1] if arg.startswith("--config=") else arg)
+            data = _read_yaml(path) if path is not None else None
+            for name in OPTIMIZER_FLAGS:
+                if path is not None and isinstance(data, dict) and name in data:
+                    raise refused(f"{path}:{_key_line(path, name)}: {name}")
+
+
 class CVGenCLI(LightningCLI):
+    """cvgen's LightningCLI: the model and data classes, cvgen's callbacks as config sections
+    (``checkpoint``, ``ema``, ``export``, ``samples``, ``predictions``, ``stats``), config
+    files that build on others (``base_config``) and no LightningCLI optimizer options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the optimizer comes from the model's keys (configure_optimizers): see
+        # refuse_optimizer_args for why LightningCLI's own options are off
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        given = expand_configs(sys.argv[1:] if args is None else args)
+        refuse_optimizer_args(given)
+        self.config = parser.parse_args(given)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
+        # read by expand_configs before parsing; accepted here so the file parses, and
+        # suppressed: never in --help, --print_config or the saved config.yaml
+        parser.add_argument(f"--{BASE_KEY}", type=str | None, default=None, help=argparse.SUPPRESS)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -86,6 +226,7 @@ class CVGenCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        parser.add_lightning_class_args(EMA, "ema")
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.add_lightning_class_args(SampleImages, "samples")
         parser.add_lightning_class_args(SavePredictions, "predictions")

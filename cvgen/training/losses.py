@@ -32,13 +32,6 @@ def target_for(
     raise ValueError(f"unsupported prediction_type {kind!r} (use epsilon or v_prediction)")
 
 
-def snr(scheduler: Any, t: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at timesteps ``t``."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(t.device, torch.float32)
-    a = alphas_cumprod[t]
-    return a / (1.0 - a)
-
-
 def diffusion_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -48,13 +41,16 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """MSE between prediction and target, optionally min-SNR-gamma weighted
     (Hang et al. 2023): each sample's loss is scaled by ``min(snr, gamma) / snr`` for epsilon
-    prediction and ``min(snr, gamma) / (snr + 1)`` for v-prediction."""
+    prediction and ``min(snr, gamma) / (snr + 1)`` for v-prediction, with the SNR of
+    diffusers' ``compute_snr``."""
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(
         dim=list(range(1, pred.ndim))
     )
     if snr_gamma is None:
         return per_sample.mean()
-    s = snr(scheduler, t)
+    from diffusers.training_utils import compute_snr
+
+    s = compute_snr(scheduler, t)
     clipped = torch.minimum(s, torch.full_like(s, snr_gamma))
     if scheduler.config.prediction_type == "v_prediction":
         weights = clipped / (s + 1.0)

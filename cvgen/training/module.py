@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
 
 from cvgen import lora as lora_lib
-from cvgen.pipeline import base_load_error, check_base
-from cvgen.training.ema import LoRAEMA
+from cvgen.data.batches import Batch, PixelBatch, batch_size_of, is_latent_batch
+from cvgen.data.datamodule import PortraitDataModule
+from cvgen.data.encoders import FrozenEncoders, LatentDist, load_part
+from cvgen.perf import SpeedLevers
+from cvgen.pipeline import check_base
 from cvgen.training.losses import diffusion_loss, sample_noise, target_for
+from cvgen.training.sampling import SamplingSettings
 
 PRECISION_DTYPES = {
     "bf16-mixed": torch.bfloat16,
@@ -23,14 +27,6 @@ PRECISION_DTYPES = {
     "32": torch.float32,
     "64-true": torch.float64,
 }
-
-
-def batch_size_of(batch: dict[str, Any]) -> int:
-    """Images in a batch of pixels, cached latent distributions or precomputed latents."""
-    for key in ("pixel_values", "latent_mean", "latents"):
-        if key in batch:
-            return int(batch[key].shape[0])
-    return len(batch["text"])
 
 
 class LoRADiffusion(pl.LightningModule):
@@ -63,19 +59,15 @@ class LoRADiffusion(pl.LightningModule):
         vae_fp32: keep the VAE in fp32 under fp16 mixed precision (avoids NaN latents).
         seed: seeds the noise and timesteps of each step (with the global step), so a
             resumed run draws exactly what an uninterrupted one would.
-        attention: ``sdpa`` (fused kernels) or ``default`` (diffusers' reference processor).
-        channels_last: NHWC memory format for the UNet and VAE convolutions.
-        compile_unet: ``torch.compile`` the UNet in place (first steps are slower).
-        compile_mode: ``torch.compile`` mode (``default``, ``reduce-overhead``,
-            ``max-autotune``).
-        allow_tf32: TF32 matmuls/convolutions on CUDA (Ampere and newer); no effect on CPU.
-        flush_denormal: flush denormal floats to zero on the CPU (slow there where they occur).
-        retain_cpu_memory: keep freed host memory in the process rather than returning it to
-            the OS each step (glibc; saves the page faults that cost ~10% of a CPU step).
-        ema_decay: keep an exponential moving average of the LoRA weights with this decay
-            (0.999 averages about the last thousand steps; 0.99 suits runs of a few hundred)
-            and use it for validation, samples, test, predict and the exported LoRA;
-            checkpoints hold both. Off when null.
+        levers: the speed levers (:class:`~cvgen.perf.SpeedLevers`: attention kernels,
+            channels-last, ``torch.compile``, TF32, CPU settings), applied in ``setup``.
+        sampling: img2img settings of the sample grids and of ``predict``
+            (:class:`~cvgen.training.sampling.SamplingSettings`).
+
+    The frozen VAE, text encoder and tokenizer are :attr:`encoders`
+    (:class:`~cvgen.data.encoders.FrozenEncoders`); ``setup`` hands them to a
+    :class:`~cvgen.data.datamodule.PortraitDataModule` for its latent cache. The moving
+    average of the LoRA weights is the :class:`~cvgen.training.ema.EMA` callback's.
     """
 
     def __init__(
@@ -103,17 +95,18 @@ class LoRADiffusion(pl.LightningModule):
         gradient_checkpointing: bool = False,
         vae_fp32: bool = True,
         seed: int = 0,
-        attention: str = "sdpa",
-        channels_last: bool = False,
-        compile_unet: bool = False,
-        compile_mode: str | None = None,
-        allow_tf32: bool = True,
-        flush_denormal: bool = True,
-        retain_cpu_memory: bool = True,
-        ema_decay: float | None = None,
+        levers: SpeedLevers | None = None,
+        sampling: SamplingSettings | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["levers", "sampling"])
+        self.levers = levers or SpeedLevers()
+        self.sampling = sampling or SamplingSettings()
+        # as plain dicts: loggers get nested keys, and checkpoints stay loadable with
+        # weights_only (LightningCLI reads a checkpoint's hyperparameters that way)
+        self.save_hyperparameters(
+            {"levers": asdict(self.levers), "sampling": asdict(self.sampling)}
+        )
         # Checkpoints hold only the LoRA weights: loading them leaves the base as loaded.
         self.strict_loading = False
         self.unet_spec = lora_lib.LoRASpec(
@@ -136,30 +129,24 @@ class LoRADiffusion(pl.LightningModule):
         )
         self._load_base()
         self.weight_dtype = torch.float32
-        self.ema = LoRAEMA(ema_decay) if ema_decay is not None else None
-        self._ema_scope: contextlib.ExitStack | None = None
+        self._levers_applied = False
 
     # ----------------------------------------------------------------- model
     def _load_base(self) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import DDPMScheduler, UNet2DConditionModel
 
         hp: Any = self.hparams
-        kw: dict[str, Any] = {"revision": hp.revision}
-        wkw = dict(kw, variant=hp.variant)
         check_base(hp.base)
-        try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(hp.base, subfolder="tokenizer", **kw)
-            self.noise_scheduler = DDPMScheduler.from_pretrained(
-                hp.base, subfolder="scheduler", **kw
-            )
-            self.text_encoder = CLIPTextModel.from_pretrained(
-                hp.base, subfolder="text_encoder", **wkw
-            )
-            self.vae = AutoencoderKL.from_pretrained(hp.base, subfolder="vae", **wkw)
-            self.unet = UNet2DConditionModel.from_pretrained(hp.base, subfolder="unet", **wkw)
-        except (OSError, ValueError) as e:
-            raise base_load_error("model.base", hp.base, e) from e
+        self.noise_scheduler = load_part(DDPMScheduler, hp.base, "scheduler", revision=hp.revision)
+        self.encoders = FrozenEncoders.from_pretrained(hp.base, hp.revision, hp.variant)
+        # registered here too: they move devices and change dtype with the module, and
+        # checkpoints name their (text-encoder LoRA) weights ``text_encoder.*``
+        self.vae = self.encoders.vae
+        self.text_encoder = self.encoders.text_encoder
+        self.tokenizer = self.encoders.tokenizer
+        self.unet = load_part(
+            UNet2DConditionModel, hp.base, "unet", revision=hp.revision, variant=hp.variant
+        )
         if hp.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=hp.prediction_type)
         lora_lib.freeze(self.vae, self.text_encoder, self.unet)
@@ -185,15 +172,13 @@ class LoRADiffusion(pl.LightningModule):
         return self.hparams
 
     @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def precision_name(self) -> str:
         """The trainer's precision setting (``32-true`` without a trainer)."""
         return str(self.trainer.precision) if self._trainer is not None else "32-true"
 
     def setup(self, stage: str) -> None:
+        from diffusers.training_utils import cast_training_params
+
         precision = self.precision_name
         if precision.endswith("-true") and precision not in ("32-true", "64-true"):
             raise ValueError(
@@ -213,33 +198,22 @@ class LoRADiffusion(pl.LightningModule):
         ):
             if model.dtype != dtype:
                 model.to(dtype=dtype)
-        lora_lib.cast_lora_to_fp32(self.unet, self.text_encoder)
+        cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
         self._set_modes()
-        self._apply_perf_levers()
+        self._apply_levers()
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if isinstance(datamodule, PortraitDataModule):
+            # the model owns the encoders and they are final now (dtype of the precision):
+            # hand them over for the latent cache, which the training loader builds next
+            datamodule.attach_encoders(self.encoders)
 
-    def _apply_perf_levers(self) -> None:
-        """The speed levers of the hyperparameters (once; see :mod:`cvgen.perf`)."""
-        if getattr(self, "_levers_applied", False):
+    def _apply_levers(self) -> None:
+        """The speed levers (once; process-wide ones included: see :mod:`cvgen.perf`)."""
+        if self._levers_applied:
             return
-        from cvgen import perf
-
-        hp = self.hp
-        perf.set_tf32(bool(hp.allow_tf32))
-        perf.set_flush_denormal(bool(hp.flush_denormal))  # CPU-side only
-        retained = perf.retain_cpu_memory(bool(hp.retain_cpu_memory))
-        done = perf.apply_unet_levers(
-            self.unet,
-            attention=hp.attention,
-            channels_last=hp.channels_last,
-            compile_unet=hp.compile_unet,
-            compile_mode=hp.compile_mode,
-            others=(self.vae,),
-        )
+        done = self.levers.apply(self.unet, others=(self.vae,))
         self._levers_applied = True
-        rank_zero_info(
-            f"cvgen: speed levers: {', '.join(done) or 'none'}, tf32={hp.allow_tf32}, "
-            f"flush_denormal={hp.flush_denormal}, retain_cpu_memory={retained}"
-        )
+        rank_zero_info(f"cvgen: speed levers: {done}")
 
     def _set_modes(self) -> None:
         """Frozen parts in eval mode; adapted ones in train mode (so LoRA dropout works)."""
@@ -250,77 +224,19 @@ class LoRADiffusion(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._set_modes()
 
-    # ------------------------------------------------------------------ EMA
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trainable (LoRA) parameters by name."""
         return {n: p for n, p in self.named_parameters() if n in self._trainable_names}
 
-    @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """The EMA of the LoRA weights in place while inside (a no-op without EMA)."""
-        if self.ema is None or not self.ema.ready:
-            yield
-            return
-        params = self.lora_parameters()
-        self.ema.to(params)
-        with self.ema.applied(params):
-            yield
-
-    def on_fit_start(self) -> None:
-        if self.ema is not None:
-            self.ema.start(self.lora_parameters())
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:  # before the step's callbacks: checkpoints include it
-            self.ema.update(self.lora_parameters())
-
-    def _enter_ema(self) -> None:
-        if self._ema_scope is None:
-            self._ema_scope = contextlib.ExitStack()
-            self._ema_scope.enter_context(self.ema_weights())
-
-    def _exit_ema(self) -> None:
-        if self._ema_scope is not None:
-            scope, self._ema_scope = self._ema_scope, None
-            scope.close()
-
-    # evaluation sees the averaged weights; training resumes with its own afterwards
-    def on_validation_start(self) -> None:
-        self._enter_ema()
-
-    def on_validation_end(self) -> None:
-        self._exit_ema()
-
-    def on_test_start(self) -> None:
-        self._enter_ema()
-
-    def on_test_end(self) -> None:
-        self._exit_ema()
-
-    def on_predict_start(self) -> None:
-        self._enter_ema()
-
-    def on_predict_end(self) -> None:
-        self._exit_ema()
-
     # ----------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        # saved during validation the parameters hold the average: store the trained weights
-        trained = self.ema.trained_weights() if self.ema is not None else None
-        checkpoint["state_dict"] = {
-            k: (trained[k] if trained is not None else v)
-            for k, v in state.items()
-            if k in self._trainable_names
-        }
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in self._trainable_names}
         checkpoint["cvgen"] = {
             "base": self.hp.base,
             "unet_lora": lora_lib.describe(self.unet_spec),
             "text_encoder_lora": lora_lib.describe(self.te_spec) if self.te_spec else None,
         }
-        if self.ema is not None and self.ema.ready:
-            checkpoint["cvgen_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = self._trainable_names - set(checkpoint.get("state_dict", {}))
@@ -329,14 +245,6 @@ class LoRADiffusion(pl.LightningModule):
                 f"checkpoint does not match this LoRA setup: {len(missing)} LoRA weights missing "
                 f"(for example {sorted(missing)[0]}); was it trained with other rank/targets?"
             )
-        if self.ema is not None:
-            if "cvgen_ema" in checkpoint:
-                self.ema.load_state_dict(checkpoint["cvgen_ema"])
-            else:
-                rank_zero_info(
-                    "cvgen: the checkpoint has no EMA of the LoRA weights; the average starts "
-                    "from its weights"
-                )
 
     # -------------------------------------------------------------- training
     def _generator(self, offset: int) -> torch.Generator:
@@ -345,48 +253,24 @@ class LoRADiffusion(pl.LightningModule):
             (self.hp.seed * 1_000_003 + offset * 101 + rank) % (2**63)
         )
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        dist = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
-        return self.sample_latents(dist.mean, dist.std, generator)
-
-    def sample_latents(
-        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        """Scaled latents ``(mean + std * noise) * scaling_factor`` with noise drawn from
-        ``generator``: the same draw whether the distribution was just encoded or cached."""
-        mean = mean.to(self.device, self.vae.dtype)
-        std = std.to(self.device, self.vae.dtype)
-        latents = mean + std * torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(
-            mean.device, mean.dtype
-        )
-        return latents * self.vae.config.scaling_factor
-
-    def diffusion_step(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        if "latent_mean" in batch:  # a cached latent distribution (cvgen.data.cache)
-            latents = self.sample_latents(batch["latent_mean"], batch["latent_std"], generator)
-        elif "latents" in batch:  # precomputed latents
-            latents = batch["latents"].to(self.device, self.weight_dtype)
+    def diffusion_step(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """The noise-prediction loss of one batch of either shape, with noise, timesteps and
+        latent samples drawn from ``generator``."""
+        encoders = self.encoders
+        cached_text: torch.Tensor | None = None
+        if is_latent_batch(batch):  # a cached latent distribution (cvgen.data.cache)
+            dist = LatentDist(batch["latent_mean"], batch["latent_std"])
+            cached_text = batch.get("encoder_hidden_states")
         else:
-            latents = self.encode_images(batch["pixel_values"], generator)
-        latents = latents.to(self.weight_dtype)
-        if "encoder_hidden_states" in batch and self.te_spec is None:
-            cond = batch["encoder_hidden_states"].to(self.device, self.weight_dtype)
-        elif self.te_spec is None:
+            dist = encoders.encode_images(batch["pixel_values"])
+        latents = encoders.sample_latents(dist, generator).to(self.weight_dtype)
+        if self.te_spec is not None:  # the text-encoder LoRA trains
+            cond = encoders.encode_text(batch["text"])
+        elif cached_text is not None:
+            cond = cached_text.to(self.device, self.weight_dtype)
+        else:
             with torch.no_grad():
-                cond = self.encode_text(batch["text"])
-        else:
-            cond = self.encode_text(batch["text"])
+                cond = encoders.encode_text(batch["text"])
         noise = sample_noise(latents, generator, self.hp.noise_offset)
         n_t = self.noise_scheduler.config.num_train_timesteps
         t = torch.randint(0, n_t, (latents.shape[0],), generator=generator).to(self.device)
@@ -401,7 +285,7 @@ class LoRADiffusion(pl.LightningModule):
             )
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch, self._generator(self.global_step))
         bs = batch_size_of(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -410,34 +294,55 @@ class LoRADiffusion(pl.LightningModule):
                 self.log(f"train/lr{'' if i == 0 else '_te'}", group["lr"], batch_size=bs)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         # fixed noise and timesteps: the validation loss is comparable across steps
         loss = self.diffusion_step(batch, self._generator(-1 - batch_idx))
         bs = batch_size_of(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         return loss
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_step(batch, self._generator(-1 - batch_idx))
         bs = batch_size_of(batch)
         self.log("test/loss", loss, batch_size=bs, sync_dist=True)
         return loss
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Any]:
-        """img2img of each held-out photo with its caption, through the adapted model."""
-        from cvgen.images import to_pil
+    @torch.no_grad()
+    def generate(
+        self, images: list[Image.Image], prompts: list[str], seeds: list[int]
+    ) -> list[Image.Image]:
+        """img2img of ``images`` with ``prompts`` through the model as it is now (adapters
+        and, under the EMA callback, the averaged weights included), with :attr:`sampling`
+        and one generator per image (seeded with ``seeds``), so an image's result does not
+        depend on what it is batched with."""
         from cvgen.pipeline import pipeline_from_components
 
-        pipe = pipeline_from_components(self)
-        images = [to_pil(t) for t in batch["pixel_values"]]
-        out = pipe(
-            prompt=batch["text"],
-            image=images,
-            strength=0.6,
-            num_inference_steps=20,
-            generator=self._generator(-1000 - batch_idx),
+        s = self.sampling
+        pipe = pipeline_from_components(self, s.scheduler)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.weight_dtype)
+            if self.weight_dtype != torch.float32
+            else torch.autocast(self.device.type, enabled=False)
         )
+        with autocast:
+            out = pipe(
+                prompt=prompts,
+                negative_prompt=[s.negative_prompt] * len(prompts) if s.negative_prompt else None,
+                image=images,
+                strength=s.strength,
+                num_inference_steps=s.num_inference_steps,
+                guidance_scale=s.guidance_scale,
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            )
         return list(out.images)
+
+    def predict_step(self, batch: PixelBatch, batch_idx: int) -> list[Image.Image]:
+        """img2img of each held-out photo with its caption, through the adapted model."""
+        from cvgen.images import to_pil
+
+        images = [to_pil(t) for t in batch["pixel_values"]]
+        seeds = [self.sampling.seed + int(i) for i in batch["index"]]
+        return self.generate(images, batch["text"], seeds)
 
     # ------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:
