@@ -43,5 +43,5 @@ gcloud compute instances create "$VM" \
   --service-account "$SERVICE_ACCOUNT" --scopes cloud-platform \
   --metadata-from-file startup-script="$here/gce-startup.sh" \
   --metadata "^|^cvgen-image=$IMAGE|cvgen-run-name=$RUN_NAME|cvgen-bucket=$BUCKET|cvgen-dvc-remote=$DVC_REMOTE|cvgen-wandb-secret=$WANDB_SECRET|cvgen-args=$ARGS|cvgen-power-off=$POWER_OFF" \
-  "${spot[@]}"
+  ${spot[@]+"${spot[@]}"}
 echo "gce-train: the LoRA will be in gs://$BUCKET/runs/$RUN_NAME/lora/ when $VM powers off" >&2

@@ -231,8 +231,11 @@ def test_compute_engine_recipe(tmp_path: Path, capsys) -> None:
     text = startup.read_text()
     for name in set(re_env_names(text)):
         assert code_reads(name), f"gce-startup.sh passes {name}, which nothing reads"
+    (spot,) = run_script("gce-train.sh", tmp_path / "spot", SPOT="1")
+    assert spot[spot.index("--provisioning-model") + 1] == "SPOT"
     if shutil.which("gcloud"):
-        assert unknown_flags(call, ("gcloud", "compute", "instances", "create")) == []
+        for c in (call, spot):
+            assert unknown_flags(c, ("gcloud", "compute", "instances", "create")) == []
 
 
 def re_env_names(text: str) -> list[str]:
