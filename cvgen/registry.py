@@ -136,3 +136,20 @@ def promote(
     except Exception as e:
         raise CVGenError(f"{name}:{concrete}: could not set alias {alias}: {e}") from e
     return result
+
+
+def record_metrics(api: Any, ref: str, metrics: dict[str, float | None]) -> dict[str, float]:
+    """Merge ``metrics`` (None values skipped) into the ``metrics`` metadata of the LoRA version
+    ``ref`` names and save it; returns the merged metrics. ``scripts/evaluate.py --wandb``
+    records its img2img scores this way, so ``cvgen promote --metric img2img/ssim`` can use them."""
+    name, version = split_ref(ref)
+    artifact = _fetch(api, f"{name}:{version}", "LoRA")
+    metadata = dict(getattr(artifact, "metadata", None) or {})
+    merged = dict(metadata.get(METRICS_KEY) or {})
+    merged.update({k: float(v) for k, v in metrics.items() if v is not None})
+    artifact.metadata = {**metadata, METRICS_KEY: merged}
+    try:
+        artifact.save()
+    except Exception as e:
+        raise CVGenError(f"{name}:{version}: could not save its metrics: {e}") from e
+    return merged

@@ -14,7 +14,7 @@ import wandb
 
 from cvgen.cli import main
 from cvgen.errors import CVGenError
-from cvgen.registry import METRICS_KEY, promote
+from cvgen.registry import METRICS_KEY, promote, record_metrics
 
 COLLECTION = "acme/wandb-registry-model/cvgen-portraits"
 
@@ -190,3 +190,13 @@ def test_unknown_alias_is_refused_by_the_parser(capsys) -> None:
     with pytest.raises(SystemExit):
         cli(f"wandb://{COLLECTION}:v0", "--alias", "prod")
     assert "invalid choice: 'prod'" in capsys.readouterr().err
+
+
+def test_recorded_scores_join_the_metrics_and_can_decide(api: FakeApi) -> None:
+    api.add({"val/loss": 0.3, "img2img/ssim": 0.2}, aliases=("staging",))
+    art = api.add({"val/loss": 0.3})
+    merged = record_metrics(api, f"wandb://{COLLECTION}:v1", {"img2img/ssim": 0.5, "x": None})
+    assert merged == {"val/loss": 0.3, "img2img/ssim": 0.5}
+    assert art.metadata[METRICS_KEY] == merged and art.saved == 1
+    promote(api, f"{COLLECTION}:v1", "staging", metric="img2img/ssim", mode="max")
+    assert api.holder("staging") == "v1"
