@@ -418,6 +418,21 @@ def test_deploy_step_fills_in_the_service(tmp_path: Path) -> None:
         (tmp_path / "calls.log").unlink()
 
 
+def test_deploy_step_with_lora_none_serves_the_base_model(tmp_path: Path) -> None:
+    out, ((_, *args),) = run_step("deploy", build_values("", _LORA="none"), tmp_path)
+    assert out.returncode == 0, out.stderr
+    (container,) = yaml.safe_load(Path(args[3]).read_text())["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert {"name": "CVGEN_LORA", "value": ""} in container[
+        "env"
+    ]  # the image then passes no --lora
+    entry = next(i for i in instructions(DOCKER / "serve.Dockerfile") if i.cmd == "ENTRYPOINT")
+    assert "${CVGEN_LORA:+" in " ".join(entry.value)
+    if shutil.which("gcloud"):
+        assert gcloud_schema("run", Path(args[3])).returncode == 0
+
+
 def test_deploy_step_without_a_lora_says_what_to_set(tmp_path: Path) -> None:
     out, called = run_step("deploy", build_values(""), tmp_path)
     assert out.returncode == 1 and "set _LORA" in out.stderr and called == []
