@@ -36,6 +36,7 @@ TOOLS = {
     "serve": "cvgen.serve.cli",
     "generate": "cvgen.serve.generate",
     "monitor": "cvgen.commands.monitor",
+    "promote": "cvgen.commands.promote",
 }
 
 USAGE = """usage: cvgen <command> [options]
@@ -53,6 +54,7 @@ Tools:
   serve      HTTP img2img server:     cvgen serve --config configs/serve.yaml
   generate   one image, no server:    cvgen generate --image in.jpg --prompt ... --out out.jpg
   monitor    data drift:              cvgen monitor drift --reference R --current LOG --out DIR
+  promote    move a W&B alias:        cvgen promote wandb://ORG/REGISTRY/COLLECTION:v3 --alias staging
 """
 
 
