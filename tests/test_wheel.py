@@ -116,7 +116,7 @@ def test_wheel_ships_configs_and_runs_the_demo_in_a_fresh_venv(wheel: Path, tmp_
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
-    for config in ("demo.yaml", "lora.yaml", "serve.yaml"):
+    for config in ("demo.yaml", "lora.yaml", "serve.yaml", "looks.yaml"):
         assert f"cvgen/configs/{config}" in names
     bin_dir = _fresh_venv(tmp_path / "venv")
     env = _env(bin_dir)
