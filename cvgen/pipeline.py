@@ -178,10 +178,6 @@ class Pipelines:
     fused: bool = False
     _active: tuple[str, float] | None = field(default=None, repr=False)
 
-    @property
-    def adapters(self) -> list[str]:
-        return [name for name in self.schedulers if name is not None]
-
     def select(self, lora: str | None, scale: float) -> None:
         """Make ``lora`` at ``scale`` (None: no LoRA; only where none is loaded) the active
         adapter of both pipelines, with its scheduler."""

@@ -346,3 +346,43 @@ def test_two_loras_differ_each_is_deterministic_and_batches_never_mix(
         # batched float maths may differ from a lone call in the last bits: a pixel level or so
         assert np.abs(got - alone[i]).max() <= 2, i
         assert np.abs(got - other).mean() > 5, i
+
+
+def test_a_text_encoder_lora_beside_a_unet_only_one_each_as_alone(
+    tiny_model: Path, two_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    """Switching adapters also switches the text encoder's: the UNet-only LoRA must not run
+    with the other one's text-encoder adapter still active."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from cvgen.lora import TEXT_ENCODER_TARGETS, LoRASpec, add_lora, save_lora
+    from cvgen.pipeline import load_pipelines
+
+    from .conftest import img2img_array
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    te = CLIPTextModel.from_pretrained(tiny_model / "text_encoder")
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    params = add_lora(unet, LoRASpec(rank=4))
+    params += add_lora(te, LoRASpec(rank=4, target_modules=TEXT_ENCODER_TARGETS))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_lora(tmp_path / "te", unet, te, kohya=False)
+    loras = {"te": tmp_path / "te", "grey": two_loras["grey"]}
+    both = load_pipelines(tiny_model, loras, device="cpu", dtype="float32")
+    assert both.img2img.get_list_adapters() == {"unet": ["te", "grey"], "text_encoder": ["te"]}
+    runs = []
+    for name in ("te", "grey", "te"):  # back and forth
+        both.select(name, 1.0)
+        runs.append(img2img_array(both.img2img))
+    assert np.array_equal(runs[0], runs[2])
+    got = {"te": runs[0], "grey": runs[1]}
+    for name, path in loras.items():
+        alone = load_pipelines(tiny_model, {name: path}, fuse=False, device="cpu", dtype="float32")
+        alone.select(name, 1.0)
+        assert np.array_equal(img2img_array(alone.img2img), got[name]), name

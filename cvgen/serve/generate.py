@@ -76,6 +76,7 @@ def one_lora(cfg: ServeConfig, choice: str | None) -> ServeConfig:
 def run(args: argparse.Namespace) -> int:
     """Validate like the server, load the engine, write one image."""
     from cvgen.images import save_image_atomic
+    from cvgen.pipeline import check_base
     from cvgen.portrait import face_detector
     from cvgen.serve.engine import Img2ImgEngine
     from cvgen.serve.looks import load_looks
@@ -83,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     from cvgen.serve.wandb_lora import resolve_loras
 
     overrides = {k: getattr(args, k) for k in ("base", "device", "dtype")}
-    cfg = resolve_loras(one_lora(load_config(args.config, overrides), args.lora))
+    cfg = load_config(args.config, overrides)
+    check_base(cfg.base)  # the setup's mistakes before the photo's
+    cfg = resolve_loras(one_lora(cfg, args.lora))
     fields = {k: getattr(args, k) for k in GenParams.model_fields if hasattr(args, k)}
     fields["lora"] = None  # the one LoRA loaded is the default
     try:
