@@ -18,7 +18,7 @@ from cvgen.errors import CVGenError
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # import names of the packages that only `pip install "cvgen[train]"` brings
 TRAIN_PACKAGES = frozenset(
-    {"lightning", "jsonargparse", "dvc", "litdata", "cv2", "matplotlib", "skimage", "torchvision"}
+    {"lightning", "jsonargparse", "dvc", "litdata", "matplotlib", "skimage", "torchvision"}
 )
 # ... and `pip install "cvgen[monitor]"` (Evidently and what it imports; OpenCV for faces)
 MONITOR_PACKAGES = frozenset({"evidently", "pandas", "scipy", "plotly", "cv2"})
