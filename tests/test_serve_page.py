@@ -132,6 +132,11 @@ def test_docs_are_swagger_ui_from_the_package(app_client: TestClient) -> None:
 
 def _predict_op(client: TestClient) -> dict[str, Any]:
     doc = client.get("/openapi.json").json()
+    # every reference resolves within the document (Swagger UI shows an error box otherwise)
+    for ref in re.findall(r'"\$ref": "#/([^"]+)"', json.dumps(doc)):
+        node = doc
+        for part in ref.split("/"):
+            node = node[part]
     assert doc["openapi"].startswith("3.")
     assert doc["components"]["securitySchemes"]["APIKey"] == {
         "type": "apiKey",
@@ -176,12 +181,15 @@ def test_openapi_error_and_answer_models_are_what_the_server_sends(
     app_client: TestClient, portraits: dict[str, bytes]
 ) -> None:
     op = _predict_op(app_client)
+    components = app_client.get("/openapi.json").json()["components"]["schemas"]
     for status in ("400", "401", "413", "422", "504"):
         schema = op["responses"][status]["content"]["application/json"]["schema"]
-        assert schema == ErrorBody.model_json_schema()
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+    assert components["ErrorBody"] == ErrorBody.model_json_schema()
     answer = op["responses"]["200"]["content"]
     assert {"image/jpeg", "image/png", "application/json"} <= set(answer)
-    assert answer["application/json"]["schema"] == PortraitJSON.model_json_schema()
+    assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/PortraitJSON"}
+    assert set(components["PortraitJSON"]["properties"]) == set(PortraitJSON.model_fields)
     assert "X-Seed" in op["responses"]["200"]["headers"]
     # the server's own errors fit the documented body exactly (extra keys are refused)
     for r in (
@@ -488,7 +496,14 @@ def test_page_in_chromium_key_upload_generate_download_and_errors(
             data={"look": "studio-white"},
             headers={"X-API-Key": KEY},
         ).json()
+        answer = c.post(
+            "/predict",
+            files={"image": ("p.jpg", portraits["collins"], "image/jpeg")},
+            data={"look": "corporate", "framing": "3:4"},
+            headers={"X-API-Key": KEY, "Accept": "application/json"},
+        )
     assert expected["field"] == "image"
+    PortraitJSON.model_validate(answer.json(), strict=True)  # the documented JSON answer
     _by(d, "photo").send_keys(str(fake))
     generate.click()
     _wait(d, lambda d: error.is_displayed(), "the error")
@@ -526,6 +541,9 @@ def test_docs_in_chromium_render_offline_under_the_csp(browser: Any, live_server
         "Swagger UI listing POST /predict",
         60,
     )
+    d.find_element("css selector", ".opblock-post .opblock-summary").click()  # resolves $refs
+    _wait(d, lambda d: d.find_elements("css selector", ".opblock-post .responses-table"), "answers")
+    assert d.find_elements("css selector", ".errors-wrapper") == []  # no resolver errors
     origins = d.execute_script(
         "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)"
     )

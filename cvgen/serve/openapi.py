@@ -76,6 +76,20 @@ class PortraitJSON(BaseModel):
     faces_found: int
 
 
+COMPONENTS: tuple[type[BaseModel], ...] = (ErrorBody, FaceBox, PortraitJSON)
+REF = "#/components/schemas/{model}"
+
+
+def component_schemas() -> dict[str, Any]:
+    """The answer models as OpenAPI components (referred to as ``#/components/schemas/Name``)."""
+    out = {}
+    for model in COMPONENTS:
+        schema = model.model_json_schema(ref_template=REF)
+        schema.pop("$defs", None)  # each nested model is a component of its own
+        out[model.__name__] = schema
+    return out
+
+
 def param_properties(cfg: ServeConfig, looks: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The JSON schema of each :class:`GenParams` field, as a request sends it: no field is
     required by itself (``prompt`` unless a look is sent), defaults are this server's."""
@@ -159,7 +173,7 @@ def request_bodies(cfg: ServeConfig, looks: Mapping[str, Any]) -> dict[str, Any]
 
 def predict_openapi(cfg: ServeConfig, looks: Mapping[str, Any]) -> dict[str, Any]:
     """``openapi_extra`` for the ``POST /predict`` route: request bodies and answers."""
-    error = {"application/json": {"schema": ErrorBody.model_json_schema()}}
+    error = {"application/json": {"schema": {"$ref": REF.format(model="ErrorBody")}}}
     headers = {
         name: {"description": text, "schema": {"type": "string"}}
         for name, text in ANSWER_HEADERS.items()
@@ -177,7 +191,7 @@ def predict_openapi(cfg: ServeConfig, looks: Mapping[str, Any]) -> dict[str, Any
                 "content": {
                     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
-                    "application/json": {"schema": PortraitJSON.model_json_schema()},
+                    "application/json": {"schema": {"$ref": REF.format(model="PortraitJSON")}},
                 },
             },
             **{
@@ -200,8 +214,9 @@ def openapi_document(app: FastAPI, secured: bool) -> dict[str, Any]:
         '`{"detail": ..., "field": ...}`. The web page is at `/`.',
         routes=app.routes,
     )
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas())
     if secured:
-        doc.setdefault("components", {})["securitySchemes"] = {
+        doc["components"]["securitySchemes"] = {
             "APIKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
         }
         for path, ops in doc.get("paths", {}).items():
