@@ -62,7 +62,10 @@ def test_the_route_we_replace_is_the_one_litserve_registers() -> None:
         if isinstance(r, APIRoute)
     }
     added = {("/metrics", ("GET",)), ("/looks", ("GET",)), ("/loras", ("GET",))}
-    assert ours_paths - paths == added and paths <= ours_paths
+    # the web page replaces LitServe's "litserve running" at / (cvgen/serve/page.py)
+    page = {("/", ("GET", "HEAD")), ("/docs", ("GET",)), ("/openapi.json", ("GET",))}
+    assert ours_paths - paths == added | page
+    assert paths - {("/", ("GET",))} <= ours_paths
 
 
 def test_our_handler_answers_and_litserve_own_would_have_queued() -> None:

@@ -32,6 +32,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(client: httpx.Client, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``/health`` answers 200 (at most ~2 minutes to load); fails with the server's
+    output if it exits first."""
+    for _ in range(600):
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("the server never became healthy")
+
+
 def tagged_pids(tag: str) -> list[int]:
     """Processes whose environment holds ``CVGEN_TEST_TAG=tag``."""
     needle = f"CVGEN_TEST_TAG={tag}".encode()
@@ -64,16 +78,7 @@ def test_serve_process_health_request_and_clean_sigterm(
     headers = {"X-API-Key": key}
     try:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
-            for _ in range(600):  # bounded: at most ~2 minutes to load
-                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-                try:
-                    if c.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            else:
-                pytest.fail("the server never became healthy")
+            wait_healthy(c, proc, log)
             r = c.post(
                 "/predict", data={"prompt": "portrait", "seed": "1"}, files=files, headers=headers
             )

@@ -119,6 +119,10 @@ def test_wheel_ships_configs_and_runs_the_demo_in_a_fresh_venv(wheel: Path, tmp_
     names = zipfile.ZipFile(wheel).namelist()
     for config in ("demo.yaml", "lora.yaml", "serve.yaml", "looks.yaml"):
         assert f"cvgen/configs/{config}" in names
+    # the web page's files (cvgen serve answers / and /docs from them)
+    static = Path(__file__).resolve().parents[1] / "cvgen" / "serve" / "static"
+    for page_file in sorted(p.name for p in static.iterdir()):
+        assert f"cvgen/serve/static/{page_file}" in names
     bin_dir = _fresh_venv(tmp_path / "venv")
     env = _env(bin_dir)
     _run(

@@ -41,6 +41,11 @@ class Img2ImgAPI(ls.LitAPI):
     def __repr__(self) -> str:  # never show the key
         return f"Img2ImgAPI(base={self.cfg.base!r}, loras={self.cfg.lora_map!r})"
 
+    @property
+    def secured(self) -> bool:
+        """Whether requests need the API key."""
+        return self._api_key is not None
+
     # --- auth (a FastAPI dependency; LitServe puts it on every route, /health included) ---
     def authorize(self, request: Request) -> None:
         """Accept ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``; /health is open."""

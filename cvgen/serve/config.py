@@ -76,6 +76,7 @@ class ServeConfig(BaseModel):
     api_key_env: str = "CVGEN_API_KEY"
     shutdown_grace: float = Field(8.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    docs: bool = True  # /docs (Swagger UI) and /openapi.json
     # request defaults and limits
     default_strength: float = Field(0.6, gt=0, le=1)
     default_steps: int = Field(30, ge=1)

@@ -36,6 +36,8 @@ from cvgen.serve.ingress import Ingress, answer_format
 from cvgen.serve.looks import look_list
 from cvgen.serve.metrics import ServeMetrics
 from cvgen.serve.middleware import ObserveMiddleware
+from cvgen.serve.openapi import predict_openapi
+from cvgen.serve.page import install_page
 from cvgen.serve.schema import ClientError, GenRequest, GenResult
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class CVGenServer(ls.LitServer):
         self.app.add_api_route("/looks", list_looks, methods=["GET"], dependencies=auth)
         self.app.add_api_route("/loras", list_loras, methods=["GET"], dependencies=auth)
         self.app.add_exception_handler(HTTPException, self._http_error)
+        install_page(self.app, ingress.cfg, secured=lit_api.secured)
 
     async def _metrics_endpoint(self) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
@@ -153,6 +156,7 @@ class CVGenServer(ls.LitServer):
             methods=["POST"],
             dependencies=list(theirs[0].dependencies),
             response_model=None,
+            openapi_extra=predict_openapi(self.ingress.cfg, self.ingress.looks),
         )
 
     def validating_endpoint(self, lit_api: ls.LitAPI) -> Endpoint:
