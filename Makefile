@@ -9,7 +9,7 @@ PY := $(BIN)/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve data/raw repro data-push bench bench-small bench-mid bench-gpu gpu-train-check profile profile-small tune-demo
+.PHONY: help venv install demo train-gpu models/tiny models/sd15 data/sample test test-slow test-gpu lint format typecheck check clean serve test-serve docker-serve docker-train data/raw repro data-push bench bench-small bench-mid bench-gpu gpu-train-check profile profile-small tune-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_/.-]+:.*## ' $(MAKEFILE_LIST) | sort | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ test-serve: $(VENV)/.installed ## run the serving tests
 
 docker-serve: ## build the serving image (docker/serve.Dockerfile)
 	DOCKER_BUILDKIT=1 docker build -f docker/serve.Dockerfile -t cvgen-serve .
+
+docker-train: ## build the training image (docker/train.Dockerfile: CUDA, cvgen[train,gs])
+	DOCKER_BUILDKIT=1 docker build -f docker/train.Dockerfile -t cvgen-train .
 
 test: $(VENV)/.installed ## run the tests (a few minutes on CPU) with coverage; fails below the floor in pyproject.toml
 	$(BIN)/pytest -q --cov --cov-report=term:skip-covered

@@ -18,7 +18,7 @@ from cvgen.errors import CVGenError
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # import names of the packages that only `pip install "cvgen[train]"` brings
 TRAIN_PACKAGES = frozenset(
-    {"lightning", "jsonargparse", "dvc", "litdata", "cv2", "matplotlib", "skimage", "torchvision"}
+    {"lightning", "jsonargparse", "dvc", "litdata", "matplotlib", "skimage", "torchvision"}
 )
 # ... and `pip install "cvgen[monitor]"` (Evidently and what it imports; OpenCV for faces)
 MONITOR_PACKAGES = frozenset({"evidently", "pandas", "scipy", "plotly", "cv2"})
@@ -40,6 +40,7 @@ TOOLS = {
     "generate": "cvgen.serve.generate",
     "monitor": "cvgen.commands.monitor",
     "tune": "cvgen.commands.tune",
+    "promote": "cvgen.commands.promote",
 }
 
 USAGE = """usage: cvgen <command> [options]
@@ -58,6 +59,7 @@ Tools:
   serve      HTTP img2img server:     cvgen serve --config configs/serve.yaml
   generate   one image, no server:    cvgen generate --image in.jpg --prompt ... --out out.jpg
   monitor    data drift:              cvgen monitor drift --reference R --current LOG --out DIR
+  promote    move a W&B alias:        cvgen promote wandb://ORG/REGISTRY/COLLECTION:v3 --alias staging
 """
 
 

@@ -5,7 +5,11 @@ Training samples, ``cvgen generate`` and the server all build their pipelines he
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import torch
 
 from cvgen.errors import CVGenError
 
+DEFAULT_ADAPTER = "default"  # the adapter name of a lone LoRA (``lora: X`` in the serve config)
 BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 SCHEDULERS = {
@@ -153,28 +158,130 @@ def load_img2img(
     adapter cost); without it the adapter stays separate and its scale can change per call
     through ``cross_attention_kwargs={"scale": s}``.
     """
+    loras = {DEFAULT_ADAPTER: lora} if lora else {}
+    return load_pipelines(base, loras, lora_scale, fuse, device, dtype, scheduler).img2img
+
+
+@dataclass
+class Pipelines:
+    """img2img and inpainting on one base model, sharing every module (one copy of the
+    weights), with LoRAs as peft adapters on the shared UNet (and text encoder).
+
+    ``schedulers`` holds one scheduler per LoRA (its ``cvgen_lora.json`` settings) and the
+    base model's under ``None``; :meth:`select` puts a LoRA's adapter and scheduler in place
+    before a pipeline call. With one LoRA ``fused`` into the weights there is nothing to switch.
+    """
+
+    img2img: Any
+    inpaint: Any
+    schedulers: dict[str | None, Any]
+    fused: bool = False
+    _active: tuple[str, float] | None = field(default=None, repr=False)
+
+    def select(self, lora: str | None, scale: float) -> None:
+        """Make ``lora`` at ``scale`` (None: no LoRA; only where none is loaded) the active
+        adapter of both pipelines, with its scheduler."""
+        sched = self.schedulers[lora]
+        self.img2img.scheduler = sched
+        self.inpaint.scheduler = sched
+        if lora is None or self.fused or self._active == (lora, scale):
+            return
+        self.img2img.set_adapters([lora], adapter_weights=[scale])  # shared: both pipelines
+        self._active = (lora, scale)
+
+
+def inpaint_pipeline(img2img: Any) -> Any:
+    """A ``StableDiffusionInpaintPipeline`` on the modules of ``img2img`` (no second copy).
+
+    With an ordinary 4-channel UNet, diffusers' inpainting pipeline noises the photo's latents
+    to each step's level and puts them back outside the mask after every step, so what it
+    generates is drawn around the kept region; ``strength`` works as in img2img.
+    """
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe: Any = StableDiffusionInpaintPipeline(
+        **{**img2img.components, "safety_checker": None, "feature_extractor": None},
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipelines(
+    base: str | os.PathLike[str],
+    loras: Mapping[str, str | os.PathLike[str]],
+    lora_scale: float = 1.0,
+    fuse: bool = True,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+    scheduler: str = "dpm++",
+) -> Pipelines:
+    """The base model with every LoRA in ``loras`` (name -> file or folder) as a peft adapter of
+    that name, as :class:`Pipelines`. One LoRA with ``fuse`` is merged into the weights at
+    ``lora_scale``; several stay separate adapters, switched per call (:meth:`Pipelines.select`).
+    Each LoRA is checked against the base first (one-line :class:`CVGenError`)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from cvgen.lora import check_lora_fits, load_lora_into_pipeline, lora_scheduler_settings
+    from cvgen.lora import check_lora_fits, lora_scheduler_settings
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     check_base(str(base))
-    check_lora_fits(base, lora)
-    trained_with = lora_scheduler_settings(lora) if lora else {}
+    for path in loras.values():
+        check_lora_fits(base, path)
     try:
         pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
             str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
         raise base_load_error("base model", str(base), e) from e
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config, **trained_with)
-    if lora:
-        load_lora_into_pipeline(pipe, lora)
-        if fuse:
-            pipe.fuse_lora(lora_scale=lora_scale)
+    config = pipe.scheduler.config
+    schedulers: dict[str | None, Any] = {None: make_scheduler(scheduler, config)}
+    for name, path in loras.items():
+        schedulers[name] = make_scheduler(scheduler, config, **lora_scheduler_settings(path))
+    _load_adapters(pipe, loras)
+    fused = fuse and len(loras) == 1
+    if fused:
+        pipe.fuse_lora(lora_scale=lora_scale)
+    pipe.scheduler = schedulers[next(iter(loras), None)]
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dev)
+    pipe = pipe.to(dev)
+    return Pipelines(pipe, inpaint_pipeline(pipe), schedulers, fused)
+
+
+def _load_adapters(pipe: Any, loras: Mapping[str, str | os.PathLike[str]]) -> None:
+    """Each LoRA as the adapter of its name. Loading a second adapter makes diffusers and peft
+    warn about the first one's keys ("missing keys" where the adapter's name is a substring of
+    another's keys, "multiple adapters"): expected here, so those lines go."""
+    from cvgen.lora import load_lora_into_pipeline
+
+    log = logging.getLogger("diffusers.utils.peft_utils")
+    for i, (name, path) in enumerate(loras.items()):
+        quiet = _OtherAdaptersKeys(name)
+        log.addFilter(quiet)
+        try:
+            with warnings.catch_warnings():
+                if i:
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                load_lora_into_pipeline(pipe, path, adapter_name=name)
+        finally:
+            log.removeFilter(quiet)
+
+
+class _OtherAdaptersKeys(logging.Filter):
+    """Drops diffusers' "led to missing keys" line when none of its keys is ``adapter``'s own
+    (diffusers matches the adapter name as a substring of every key)."""
+
+    def __init__(self, adapter: str) -> None:
+        super().__init__()
+        self.own = f".{adapter}."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "led to missing keys" not in text:
+            return True
+        keys = text.split(":", 1)[1].split(",")
+        return any(self.own in key for key in keys)
 
 
 def pipeline_from_components(module: Any, scheduler: str = "dpm++") -> Any:

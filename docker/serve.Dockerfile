@@ -17,7 +17,10 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # dependencies first (cached while only the code changes): the base install only, which is
-# what serving needs; training, data preparation, DVC and streaming are the `train` extra
+# what serving needs; training, data preparation, DVC and streaming are the `train` extra.
+# It includes opencv-python-headless, whose Haar cascade detects faces (keep_face, framing)
+# offline; its wheel bundles its libraries and needs only zlib and libstdc++ of the slim image.
+# The looks (cvgen/configs/looks.yaml) ship inside the package.
 COPY pyproject.toml README.md ./
 RUN pip install --index-url ${TORCH_INDEX} "torch>=2.4,<2.15" \
     && mkdir -p cvgen && touch cvgen/__init__.py && pip install . && pip uninstall -y cvgen

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serving: end-to-end HTTP latency of ``cvgen serve`` against the bare diffusers pipeline call
-on the same model (the overhead ratio), and throughput against concurrency and
-``max_batch_size``.
+on the same model (the overhead ratio), throughput against concurrency and ``max_batch_size``,
+and what keep_face costs per image (face detection, masks, composite) beside the generation.
 
 The server is the real one: ``cvgen serve`` started as a subprocess on 127.0.0.1 with a
 generated config, polled on ``/health``, sent a bounded number of multipart requests, then
@@ -169,17 +169,80 @@ class Server:
         self.log.close()
 
 
-def post(client: Any, url: str, photo: bytes, seed: int) -> tuple[float, int]:
+def post(
+    client: Any, url: str, photo: bytes, seed: int, keep_face: bool = False
+) -> tuple[float, int, dict[str, float]]:
+    """Latency (s), batch size and the server's stage times (s, from Server-Timing)."""
     t0 = time.perf_counter()
     r = client.post(
         url + "/predict",
         files={"image": ("photo.jpg", photo, "image/jpeg")},
-        data={"prompt": "a professional headshot", "seed": str(seed)},
+        data={"prompt": "a professional headshot", "seed": str(seed), "keep_face": str(keep_face)},
         timeout=600,
     )
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-    return time.perf_counter() - t0, int(r.headers.get("x-batch-size", "1"))
+    stages = {}
+    for part in r.headers.get("server-timing", "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            stages[name] = float(dur) / 1000
+    return time.perf_counter() - t0, int(r.headers.get("x-batch-size", "1")), stages
+
+
+def keep_face_stages(sizes: list[int], n: int) -> dict[str, dict[str, float]]:
+    """Median seconds per image of keep_face's own work, in-process, on the sample portraits as
+    uploaded: detection on the photo, then the masks and the composite at each output size."""
+    from PIL import Image
+
+    from cvgen import portrait
+    from cvgen.data.sample import sample_sources
+    from cvgen.images import open_image
+
+    detector = portrait.face_detector()
+    photos = [open_image(p) for p in sample_sources().values()]
+    out: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        times: dict[str, list[float]] = {"detect": [], "mask": [], "composite": []}
+        for img in photos:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                faces = detector.detect(img)
+                times["detect"].append(time.perf_counter() - t0)
+            framed = portrait.frame_photo(img, faces, (size, size), face_fraction=0.35)
+            assert framed.face is not None
+            other = Image.new("RGB", (size, size), (90, 90, 90))
+            for _ in range(n):
+                t0 = time.perf_counter()
+                keep = portrait.keep_mask((size, size), framed.face)
+                portrait.repaint_mask((size, size), framed.face, 8)
+                times["mask"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                portrait.composite(framed.image, other, keep)
+                times["composite"].append(time.perf_counter() - t0)
+        out[str(size)] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
+def keep_face_costs(url: str, photo: bytes, n: int) -> dict[str, Any]:
+    """p50 latency with keep_face off and on (the same photo), and the server's median stage
+    times for each (Server-Timing)."""
+    import httpx
+
+    out: dict[str, Any] = {}
+    runs: dict[bool, list[tuple[float, int, dict[str, float]]]] = {False: [], True: []}
+    with httpx.Client() as client:
+        for keep in (False, True):
+            post(client, url, photo, 0, keep)  # the first of each
+        for i in range(n):  # interleaved: a load that drifts hits both alike
+            for keep in (False, True):
+                runs[keep].append(post(client, url, photo, i, keep))
+    for keep, rs in runs.items():
+        out["on" if keep else "off"] = {
+            "p50_s": statistics.median(r[0] for r in rs),
+            "stages_s": {k: statistics.median(r[2][k] for r in rs) for k in rs[0][2]},
+        }
+    return out
 
 
 def throughput(url: str, photo: bytes, concurrency: int, n: int) -> dict[str, float]:
@@ -212,6 +275,12 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8", help="levels (each max_batch_size too)")
     p.add_argument("--rounds", type=int, default=2, help="requests per level = rounds x level")
     p.add_argument("--batch-timeout", type=float, default=0.05)
+    p.add_argument(
+        "--keep-face-requests",
+        type=int,
+        default=6,
+        help="requests each with keep_face off and on (max_batch_size 1 server; 0: skip)",
+    )
     p.add_argument("--compile", action="store_true")
     p.add_argument(
         "--compile-mode", default=None, help="default, reduce-overhead (CUDA graphs), max-autotune"
@@ -225,6 +294,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     model = prepare_model(args.arch, workdir)
+    from cvgen.data.sample import sample_sources
     from cvgen.serve.config import model_resolution
 
     photo = photo_bytes(model_resolution(str(model)))
@@ -236,7 +306,17 @@ def main() -> None:
         "args": vars(args),
         "bare": {"p50_s": statistics.median(bare), "p95_s": pct(bare, 0.95)},
         "servers": [],
+        "keep_face": {},
     }
+    sizes = sorted({model_resolution(str(model)), 512})
+    stages = result["keep_face"]["in_process"] = keep_face_stages(sizes, 10)
+    for size, st in stages.items():
+        print(
+            f"keep_face work per image at {size} px (in-process): detect "
+            f"{1000 * st['detect']:.1f} ms (on the photo as uploaded), mask "
+            f"{1000 * st['mask']:.2f} ms, composite {1000 * st['composite']:.2f} ms",
+            flush=True,
+        )
     import httpx
 
     print(
@@ -261,6 +341,13 @@ def main() -> None:
                 result["overhead"] = entry["latency"]["p50_s"] / result["bare"]["p50_s"] - 1
                 print(f"  HTTP p50 {1000 * entry['latency']['p50_s']:.1f} ms", flush=True)
                 save(args, result)
+                if args.keep_face_requests:
+                    raw = sample_sources()["hopper"].read_bytes()  # a photo as uploaded
+                    kf = result["keep_face"]["http"] = keep_face_costs(
+                        server.url, raw, args.keep_face_requests
+                    )
+                    print_keep_face(kf)
+                    save(args, result)
             levels = sorted({int(c) for c in args.concurrency.split(",")} | {batch})
             for c in levels:
                 lv = throughput(server.url, photo, c, args.rounds * c)
@@ -311,8 +398,22 @@ def main() -> None:
     if (1, 8) in by and top and top[0] > 1:
         result["batching_gain"] = by[top] / by[(1, 8)]
         print(f"ratio: 8 concurrent, max_batch_size {top[0]} vs 1: {result['batching_gain']:.2f}x")
+    if result["keep_face"].get("http"):
+        print("keep_face (max_batch_size 1, the hopper photo as uploaded):")
+        print_keep_face(result["keep_face"]["http"])
     print(f"(total {time.perf_counter() - t_start:.0f} s)")
     save(args, result)
+
+
+def print_keep_face(kf: dict[str, Any]) -> None:
+    for key in ("off", "on"):
+        st = kf[key]["stages_s"]
+        parts = ", ".join(f"{k} {1000 * v:.1f}" for k, v in st.items())
+        print(
+            f"  keep_face {key}: HTTP p50 {1000 * kf[key]['p50_s']:.1f} ms ({parts} ms)", flush=True
+        )
+    extra = kf["on"]["p50_s"] - kf["off"]["p50_s"]
+    print(f"  keep_face costs {1000 * extra:+.1f} ms per image end to end", flush=True)
 
 
 def save(args: argparse.Namespace, result: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ Writes, all atomically:
 - ``OUT/samples/grid.png``: input | output rows on the held-out photos.
 
 Usage: python scripts/evaluate.py --run runs/dvc --data data/prepared --base models/tiny --out eval
+       [--wandb wandb://ENTITY/PROJECT/COLLECTION:v3]   (also record the scores on that LoRA)
 """
 
 from __future__ import annotations
@@ -125,8 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="scheduler steps at strength 1")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
-    metrics = evaluate(p.parse_args(argv))
+    p.add_argument(
+        "--wandb",
+        metavar="REF",
+        help="also record the scores in the metadata of this W&B LoRA version "
+        "(wandb://entity/project/collection:v3), where `cvgen promote` compares them",
+    )
+    args = p.parse_args(argv)
+    metrics = evaluate(args)
     print(json.dumps(metrics, indent=2))
+    if args.wandb:
+        import wandb
+
+        from cvgen.registry import record_metrics
+
+        scores = {"val/loss": metrics["val_loss"]}
+        scores |= {f"img2img/{k}": v for k, v in metrics["img2img"].items()}
+        merged = record_metrics(wandb.Api(), args.wandb, scores)
+        print(f"evaluate: recorded {', '.join(sorted(merged))} on {args.wandb}")
     return 0
 
 

@@ -43,6 +43,7 @@ ROOTS = (
     "httpx",
     "pyyaml",
     "tqdm",
+    "opencv-python-headless",  # serving detects faces (keep_face, framing)
 )
 # the target's own: torch and what comes with it (numpy and pillow too: other compiled
 # packages there are built against its numpy, and an older one shadowing it can break them)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +62,11 @@ def tiny_pipeline(tiny_model: Path):
     return load_img2img(tiny_model, device="cpu", dtype="float32")
 
 
-def make_random_lora(base: Path, out: Path) -> Path:
-    """A LoRA with visible (random, non-zero) weights on a model's UNet, saved by cvgen.lora."""
+def make_random_lora(
+    base: Path, out: Path, seed: int = 1, info: dict[str, Any] | None = None
+) -> Path:
+    """A LoRA with visible (random, non-zero) weights on a model's UNet, saved by cvgen.lora
+    (with ``info`` as its cvgen_lora.json)."""
     from diffusers import UNet2DConditionModel
 
     from cvgen.lora import LoRASpec, add_lora, save_lora
@@ -67,11 +74,11 @@ def make_random_lora(base: Path, out: Path) -> Path:
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     unet.requires_grad_(False)
     params = add_lora(unet, LoRASpec(rank=4))
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return save_lora(out, unet, kohya=False)
+    return save_lora(out, unet, kohya=False, info=info)
 
 
 def img2img_array(pipe: Any) -> np.ndarray:
@@ -95,6 +102,76 @@ def img2img_array(pipe: Any) -> np.ndarray:
 def random_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA file with random non-zero weights for the tiny model (built once per session)."""
     return make_random_lora(tiny_model, tmp_path_factory.mktemp("lora"))
+
+
+@pytest.fixture(scope="session")
+def two_loras(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA folders with different random weights and a cvgen_lora.json each, by name."""
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        name: make_random_lora(
+            tiny_model,
+            root / name,
+            seed=seed,
+            info={"base": str(tiny_model), "global_step": 100 * seed, "data_version": f"v{seed}"},
+        ).parent
+        for name, seed in (("grey", 1), ("warm", 2))
+    }
+
+
+@pytest.fixture(scope="session")
+def portraits() -> dict[str, bytes]:
+    """The raw sample portraits (as a user would upload them), by name: one face each."""
+    from cvgen.data.sample import sample_sources
+
+    return {name: path.read_bytes() for name, path in sample_sources().items()}
+
+
+@contextlib.contextmanager
+def served(server: Any) -> Iterator[Any]:
+    """A TestClient on a LitServer started in-process, once ``/health`` answers 200 (the
+    worker has loaded the model)."""
+    from fastapi.testclient import TestClient
+    from litserve.utils import wrap_litserve_start
+
+    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
+        for _ in range(600):
+            if c.get("/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the server never became healthy")
+        yield c
+
+
+def send_together(
+    send: Callable[[Any], Any], jobs: dict[str, Any], timeout: float = 300
+) -> dict[str, Any]:
+    """``send(job)`` for every job at once (threads released together, so a server can batch
+    them); the answers by key."""
+    results: dict[str, Any] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def run(key: str, job: Any) -> None:
+        barrier.wait()
+        results[key] = send(job)
+
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return results
+
+
+def scrape(client: Any, headers: dict[str, str] | None = None) -> dict[str, float]:
+    """The server's /metrics as {sample with labels: value}."""
+    out = {}
+    for line in client.get("/metrics", headers=headers).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,7 @@ def test_generate_cli_writes_a_deterministic_jpeg(
             "2",
             "--seed",
             "9",
+            "--no-keep-face",  # the photo is noise: no face
         ]
         assert main(argv) == 0
         outs.append(out.read_bytes())
@@ -100,7 +101,7 @@ def test_generate_cli_validates_like_the_server(
 
 
 def test_engine_splits_incompatible_requests_and_keeps_order(tiny_model: Path) -> None:
-    engine = Img2ImgEngine.load(ServeConfig(base=str(tiny_model), device="cpu"))
+    engine = Img2ImgEngine.load(ServeConfig(base=str(tiny_model), device="cpu", warmup=False))
     photo = Image.new("RGB", (64, 64), (100, 50, 25))
     reqs = [
         GenRequest(photo, _params(1)),
@@ -118,7 +119,9 @@ def test_engine_splits_incompatible_requests_and_keeps_order(tiny_model: Path) -
 
 
 def test_unfused_lora_scale_changes_the_image(tiny_model: Path, lora: Path) -> None:
-    cfg = ServeConfig(base=str(tiny_model), lora=str(lora), fuse_lora=False, device="cpu")
+    cfg = ServeConfig(
+        base=str(tiny_model), lora=str(lora), fuse_lora=False, device="cpu", warmup=False
+    )
     engine = Img2ImgEngine.load(cfg)
     assert engine.cfg.fixed_lora_scale is None
     photo = Image.new("RGB", (64, 64), (100, 50, 25))
@@ -133,3 +136,41 @@ def test_unfused_lora_scale_changes_the_image(tiny_model: Path, lora: Path) -> N
 def test_model_resolution_reads_the_configs(tiny_model: Path, tmp_path: Path) -> None:
     assert model_resolution(str(tiny_model)) == 64
     assert model_resolution(str(tmp_path)) == 512  # not a model folder: SD 1.5's size
+
+
+def test_generate_cli_keeps_the_face_with_a_look_and_a_framing(
+    tiny_model: Path,
+    portraits: dict[str, bytes],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cvgen import portrait
+
+    photo = tmp_path / "hopper.jpg"
+    photo.write_bytes(portraits["hopper"])
+    out = tmp_path / "out.png"  # lossless, to compare pixels
+    argv = ["generate", "--image", str(photo), "--look", "corporate", "--framing", "4:5"]
+    argv += ["--out", str(out), "--base", str(tiny_model), "--device", "cpu", "--steps", "2"]
+    assert main([*argv, "--seed", "4"]) == 0
+    said = capsys.readouterr().out
+    assert "(52x64, seed 4, face " in said and " kept)" in said
+    img = Image.open(out).convert("RGB")
+    assert img.size == (52, 64)
+    # the face's pixels are the photo's, framed as the server frames it
+    from cvgen.images import open_image
+
+    src = open_image(portraits["hopper"])
+    framed = portrait.frame_photo(src, portrait.face_detector().detect(src), (52, 64), 0.35)
+    assert framed.face is not None
+    region = portrait.face_region((52, 64), framed.face)
+    assert portrait.psnr(img, framed.image, region) == float("inf")
+
+
+def test_generate_cli_without_a_face(tiny_model: Path, photo: Path, tmp_path: Path, capsys) -> None:
+    argv = ["generate", "--image", str(photo), "--prompt", "p", "--out", str(tmp_path / "x.jpg")]
+    argv += ["--base", str(tiny_model), "--device", "cpu", "--steps", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{photo}: no face found in the photo" in err and "--no-keep-face" in err
+    assert main([*argv, "--look", "nope"]) == 2
+    assert "--look: unknown look 'nope'; known: corporate" in capsys.readouterr().err

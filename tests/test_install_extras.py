@@ -30,10 +30,10 @@ from cvgen.cli import TRAIN_PACKAGES, main
 
 tmp = Path(sys.argv[1])
 assert main(["model", "random", "--arch", "tiny", "--out", str(tmp / "tiny")]) == 0
-Image.new("RGB", (80, 100), (30, 120, 200)).save(tmp / "in.jpg")
-argv = ["generate", "--image", str(tmp / "in.jpg"), "--prompt", "portrait", "--out",
+face = tmp / "face.jpg"  # a sample portrait, written by the test (its packages are hidden here)
+argv = ["generate", "--image", str(face), "--look", "corporate", "--framing", "4:5", "--out",
         str(tmp / "out.jpg"), "--base", str(tmp / "tiny"), "--device", "cpu", "--steps", "2"]
-assert main(argv) == 0 and Image.open(tmp / "out.jpg").size == (64, 64)
+assert main(argv) == 0 and Image.open(tmp / "out.jpg").size == (52, 64)  # the face kept
 
 from fastapi.testclient import TestClient
 from litserve.utils import wrap_litserve_start
@@ -46,10 +46,10 @@ with wrap_litserve_start(build_server(cfg, api_key=None)) as s, TestClient(s.app
         if c.get("/health").status_code == 200:
             break
         time.sleep(0.1)
-    r = c.post("/predict", data={"prompt": "portrait", "seed": "1"},
-               files={"image": ("in.jpg", (tmp / "in.jpg").read_bytes(), "image/jpeg")})
+    r = c.post("/predict", data={"prompt": "portrait", "seed": "1", "keep_face": "true"},
+               files={"image": ("in.jpg", face.read_bytes(), "image/jpeg")})
     assert r.status_code == 200, r.text
-    assert Image.open(io.BytesIO(r.content)).size == (64, 64)
+    assert Image.open(io.BytesIO(r.content)).size == (64, 64) and r.headers["x-face-box"]
 
 for command in (["fit", "--help"], ["data", "sample", "--out", str(tmp / "d")]):
     assert main(command) == 2, command
@@ -59,7 +59,12 @@ print("BASE-INSTALL-OK")
 """
 
 
-def test_serve_and_generate_need_no_training_packages(tmp_path: Path) -> None:
+def test_serve_and_generate_need_no_training_packages(
+    tmp_path: Path, portraits: dict[str, bytes]
+) -> None:
+    """The serving install frames photos and keeps faces: OpenCV's detector is in it."""
+    assert "cv2" not in TRAIN_PACKAGES
+    (tmp_path / "face.jpg").write_bytes(portraits["hopper"])
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(HIDE)

@@ -176,7 +176,7 @@ class RecordingPipe:
 
 
 def test_serve_levers_and_warmup(tiny_model: Path, restore_tf32) -> None:
-    from cvgen.pipeline import load_img2img
+    from cvgen.pipeline import load_pipelines
     from cvgen.serve.engine import Img2ImgEngine
 
     levers = perf.SpeedLevers(
@@ -185,8 +185,9 @@ def test_serve_levers_and_warmup(tiny_model: Path, restore_tf32) -> None:
     cfg = ServeConfig(
         base=str(tiny_model), device="cpu", max_batch_size=3, default_steps=4, levers=levers
     )
-    pipe = RecordingPipe(load_img2img(tiny_model, device="cpu", dtype="float32"))
-    engine = Img2ImgEngine(pipe, cfg, "cpu")
+    pipes = load_pipelines(tiny_model, {}, device="cpu", dtype="float32")
+    pipe = pipes.inpaint = RecordingPipe(pipes.inpaint)  # warm-up runs the default: keep_face
+    engine = Img2ImgEngine(pipes, cfg, "cpu")
     done = engine.apply_levers()
     assert done.startswith("attention=default, channels_last, compile_unet(default), ")
     assert perf.is_compiled(pipe.unet) and processors(pipe.unet) == {"AttnProcessor"}

@@ -9,7 +9,6 @@ import json
 import logging
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from cvgen.serve.config import ServeConfig
 from cvgen.serve.schema import GenParams
 from cvgen.serve.server import build_server
 
-from .conftest import make_random_lora
+from .conftest import make_random_lora, scrape, send_together, served
 
 KEY = "test-key-0123456789"
 H = {"X-API-Key": KEY}
@@ -64,8 +63,6 @@ def image_host() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    from litserve.utils import wrap_litserve_start
-
     lora = make_random_lora(tiny_model, tmp_path_factory.mktemp("lora"))
     cfg = ServeConfig(
         base=str(tiny_model),
@@ -80,15 +77,9 @@ def client(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         max_pixels=1_000_000,
         url_allowlist=["127.0.0.1/32"],
         url_timeout=5,
+        default_keep_face=False,  # these photos are noise: no face (tests/test_serve_portrait.py)
     )
-    server = build_server(cfg, api_key=KEY)
-    with wrap_litserve_start(server) as s, TestClient(s.app) as c:
-        for _ in range(600):  # /health is 503 until the worker has loaded the model
-            if c.get("/health").status_code == 200:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the server never became healthy")
+    with served(build_server(cfg, api_key=KEY)) as c:
         yield c
 
 
@@ -105,16 +96,6 @@ def decode(content: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(content))
     img.load()
     return img
-
-
-def scrape(c: TestClient) -> dict[str, float]:
-    text = c.get("/metrics", headers=H).text
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 # --- good requests ------------------------------------------------------------------------
@@ -134,7 +115,13 @@ def test_predict_returns_a_jpeg_of_the_model_size(client: TestClient) -> None:
         "guidance_scale": 7.0,
         "seed": 7,
         "lora_scale": 1.0,
+        "look": None,
+        "lora": "default",
+        "keep_face": False,
+        "framing": "square",
     }
+    assert r.headers["x-faces-found"] == "0" and "x-face-box" not in r.headers
+    assert re.fullmatch(r"detect;dur=[\d.]+, generate;dur=[\d.]+", r.headers["server-timing"])
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
 
 
@@ -170,29 +157,13 @@ def test_image_url_from_an_allowlisted_host(client: TestClient, image_host: str)
 def test_concurrent_requests_are_batched_each_gets_its_own_image(client: TestClient) -> None:
     singles = {s: predict(client, {"prompt": f"p{s}", "seed": str(s)}) for s in (11, 12)}
     arrays = {s: np.asarray(decode(r.content), dtype=np.float32) for s, r in singles.items()}
+    jobs = {
+        "11": {"prompt": "p11", "seed": "11"},
+        "12": {"prompt": "p12", "seed": "12"},
+        "odd": {"prompt": "p11", "seed": "11", "steps": "4"},  # other steps: split off
+    }
     for _attempt in range(3):  # bounded: a busy machine may miss the batch window once
-        results: dict[str, Any] = {}
-        barrier = threading.Barrier(3)
-
-        def send(
-            tag: str,
-            data: dict[str, str],
-            barrier: threading.Barrier = barrier,
-            results: dict[str, Any] = results,
-        ) -> None:
-            barrier.wait()
-            results[tag] = predict(client, data)
-
-        jobs = {
-            "11": {"prompt": "p11", "seed": "11"},
-            "12": {"prompt": "p12", "seed": "12"},
-            "odd": {"prompt": "p11", "seed": "11", "steps": "4"},  # other steps: split off
-        }
-        threads = [threading.Thread(target=send, args=item) for item in jobs.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        results = send_together(lambda data: predict(client, data), jobs, timeout=120)
         assert all(results[k].status_code == 200 for k in jobs), results
         if results["11"].headers["x-batch-size"] == "2":
             break
@@ -350,15 +321,21 @@ def test_auth_guards_predict_and_metrics_not_health(client: TestClient) -> None:
 def test_metrics_count_requests_batches_and_memory(client: TestClient) -> None:
     ok = 'cvgen_http_requests_total{method="POST",path="/predict",status="200"}'
     bad = 'cvgen_http_requests_total{method="POST",path="/predict",status="422"}'
-    before = scrape(client)
+    before = scrape(client, H)
     assert predict(client, {"prompt": "x", "seed": "1"}).status_code == 200
     assert predict(client, {"seed": "1"}).status_code == 422
-    after = scrape(client)
+    after = scrape(client, H)
     assert after[ok] == before.get(ok, 0) + 1
     assert after[bad] == before.get(bad, 0) + 1
-    assert after["cvgen_images_total"] == before["cvgen_images_total"] + 1
-    assert after["cvgen_batch_size_count"] == before["cvgen_batch_size_count"] + 1
-    assert after["cvgen_predict_seconds_count"] == before["cvgen_predict_seconds_count"] + 1
+    # model-side metrics carry the LoRA's name (this server's one LoRA is "default")
+    images = 'cvgen_images_total{keep_face="false",lora="default"}'
+    batches = 'cvgen_batch_size_count{lora="default"}'
+    predicts = 'cvgen_predict_seconds_count{lora="default"}'
+    assert after[images] == before[images] + 1
+    assert after[batches] == before[batches] + 1
+    assert after[predicts] == before[predicts] + 1
+    detects = 'cvgen_stage_seconds_count{stage="detect"}'
+    assert after[detects] == before[detects] + 1
     key = 'cvgen_http_request_duration_seconds_count{path="/predict"}'
     assert after[key] == before[key] + 2
     assert after["cvgen_worker_resident_memory_bytes"] > 10_000_000

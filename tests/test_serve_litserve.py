@@ -61,7 +61,8 @@ def test_the_route_we_replace_is_the_one_litserve_registers() -> None:
         for r in server.app.routes
         if isinstance(r, APIRoute)
     }
-    assert ours_paths - paths == {("/metrics", ("GET",))} and paths <= ours_paths
+    added = {("/metrics", ("GET",)), ("/looks", ("GET",)), ("/loras", ("GET",))}
+    assert ours_paths - paths == added and paths <= ours_paths
 
 
 def test_our_handler_answers_and_litserve_own_would_have_queued() -> None:

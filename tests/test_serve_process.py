@@ -46,7 +46,9 @@ def tagged_pids(tag: str) -> list[int]:
     return pids
 
 
-def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_path: Path) -> None:
+def test_serve_process_health_request_and_clean_sigterm(
+    tiny_model: Path, tmp_path: Path, portraits: dict[str, bytes]
+) -> None:
     port, tag, key = free_port(), uuid.uuid4().hex, "process-key"
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(
@@ -58,9 +60,7 @@ def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_pa
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    buf = io.BytesIO()
-    Image.new("RGB", (80, 100), (30, 120, 200)).save(buf, format="JPEG")
-    files = {"image": ("p.jpg", buf.getvalue(), "image/jpeg")}
+    files = {"image": ("p.jpg", portraits["collins"], "image/jpeg")}  # keep_face by default
     headers = {"X-API-Key": key}
     try:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
@@ -79,6 +79,7 @@ def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_pa
             )
             assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
             assert Image.open(io.BytesIO(r.content)).size == (64, 64)
+            assert re.fullmatch(r"\d+,\d+,\d+,\d+", r.headers["x-face-box"])
             assert c.post("/predict", data={"prompt": "portrait"}, files=files).status_code == 401
 
             # a slow request in flight when SIGTERM arrives must still be answered
@@ -120,7 +121,8 @@ def test_serve_process_health_request_and_clean_sigterm(tiny_model: Path, tmp_pa
     for what in ("model loaded: base=", "speed levers: ", "warm-up: batch sizes"):
         assert what in text, what
     ready = (
-        f"cvgen: serving {tiny_model} on http://127.0.0.1:{port} (POST /predict; /health, /metrics)"
+        f"cvgen: serving {tiny_model} on http://127.0.0.1:{port} "
+        "(POST /predict; /looks, /loras, /health, /metrics)"
     )
     assert text.count(ready) == 1, text[-3000:]
 
@@ -143,3 +145,39 @@ def test_serve_with_a_mistyped_base_fails_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("cvgen: error: base model 'models/tny': no such folder")
     assert "not a hub model in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def _serve_error(args: list[str], cwd: Path) -> str:
+    """The one line ``cvgen serve`` fails with, before any worker starts."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "cvgen.cli", "serve", *args, "--port", str(free_port())]
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_serve_checks_every_lora_and_the_looks_file_first(
+    tiny_model: Path, two_loras: dict[str, Path], tmp_path: Path
+) -> None:
+    from cvgen.modelzoo import save_random_model
+
+    from .conftest import make_random_lora
+
+    small = save_random_model(tmp_path / "small", "small", seed=0)
+    other = make_random_lora(small, tmp_path / "other")  # made for another base
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(
+        f"base: {tiny_model}\nloras:\n  grey: {two_loras['grey']}\n  odd: {other.parent}\n"
+    )
+    line = _serve_error(["--config", str(cfg)], tmp_path)
+    assert line.startswith(f"cvgen: error: loras.odd: LoRA {other.parent} does not fit"), line
+    looks = tmp_path / "looks.yaml"
+    looks.write_text("corporate:\n  description: d\n  prompt: p\n  strength: 2\n")
+    cfg.write_text(f"base: {tiny_model}\nlooks: {looks}\n")
+    line = _serve_error(["--config", str(cfg)], tmp_path)
+    assert line == f"cvgen: error: {looks}:4: corporate.strength must be <= 1.0, got 2", line
+    cfg.write_text(f"base: {tiny_model}\nloras:\n  grey: {two_loras['grey']}\n")
+    line = _serve_error(["--config", str(cfg), "--lora", str(two_loras["warm"])], tmp_path)
+    assert line.startswith("cvgen: error: --lora: lora and loras are both set"), line

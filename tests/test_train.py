@@ -63,6 +63,16 @@ def test_fit_writes_lora_samples_checkpoints_and_offline_wandb(demo_run: Path, c
     assert (demo_run / "config.yaml").is_file()
 
 
+def test_lora_artifact_carries_the_last_validation_loss(demo_run: Path) -> None:
+    """The metadata `cvgen promote` compares: val/loss of the last validation (step 6)."""
+    logged = next((demo_run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    start = logged.index(b'{"global_step":')
+    meta, _ = json.JSONDecoder().raw_decode(logged[start:].decode("utf-8", "replace"))
+    assert meta["global_step"] == 6 and meta["metrics_step"] == 6
+    val_loss = meta["metrics"]["val/loss"]
+    assert isinstance(val_loss, float) and 0 < val_loss < 10
+
+
 def test_checkpoint_holds_only_what_trains(demo_run: Path) -> None:
     ckpt_path = demo_run / "checkpoints" / "last.ckpt"
     size = ckpt_path.stat().st_size

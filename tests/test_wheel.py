@@ -106,7 +106,8 @@ def _check_demo(bin_dir: Path, work: Path, env: dict[str, str]) -> None:
     assert str(bin_dir.parent) in where, f"cvgen was not imported from the fresh venv: {where}"
     for args in DEMO:
         _run([str(bin_dir / "cvgen"), *args], work, env)
-    assert sorted(p.name for p in (work / "configs").iterdir()) >= ["demo.yaml", "lora.yaml"]
+    configs = {p.name for p in (work / "configs").iterdir()}
+    assert configs >= {"demo.yaml", "lora.yaml", "serve.yaml", "looks.yaml"}
     lora = work / "runs" / "demo" / "lora"
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     assert (lora / "cvgen_lora.json").is_file()
@@ -116,7 +117,7 @@ def test_wheel_ships_configs_and_runs_the_demo_in_a_fresh_venv(wheel: Path, tmp_
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
-    for config in ("demo.yaml", "lora.yaml", "serve.yaml"):
+    for config in ("demo.yaml", "lora.yaml", "serve.yaml", "looks.yaml"):
         assert f"cvgen/configs/{config}" in names
     bin_dir = _fresh_venv(tmp_path / "venv")
     env = _env(bin_dir)

@@ -79,3 +79,30 @@ def find_data_version(root: str | os.PathLike[str]) -> DataVersion | None:
         if (d / ".dvc").is_dir() or (d / ".git").exists():
             break
     return None
+
+
+def dvc_root(path: str | os.PathLike[str]) -> Path | None:
+    """The DVC repo root above ``path`` (the folder holding ``.dvc/``), or None."""
+    target = Path(os.path.abspath(path))
+    return next((d for d in (target, *target.parents) if (d / ".dvc").is_dir()), None)
+
+
+def remote_location(version: DataVersion, remote: str | None = None) -> str | None:
+    """Where the DVC remote keeps ``version`` (``<remote url>/files/md5/ab/cdef….dir``, a
+    ``file://`` URI for a local remote): the default remote, or the one named ``remote``.
+
+    None when DVC is not installed, no remote is configured, or its plugin (``dvc-gs``,
+    ``dvc-s3``) is missing. Never raises: the location is for lineage, not for training.
+    """
+    root = dvc_root(version.tracked)
+    if root is None:
+        return None
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            odb = repo.cloud.get_remote_odb(remote)
+            uri = str(odb.fs.unstrip_protocol(odb.oid_to_path(version.md5)))
+    except Exception:  # DVC raises many types (NoRemoteError, plugin ImportError, ...)
+        return None
+    return uri if "://" in uri else Path(uri).resolve().as_uri()

@@ -39,7 +39,7 @@ class Img2ImgAPI(ls.LitAPI):
         self.engine: Img2ImgEngine | None = None
 
     def __repr__(self) -> str:  # never show the key
-        return f"Img2ImgAPI(base={self.cfg.base!r}, lora={self.cfg.lora!r})"
+        return f"Img2ImgAPI(base={self.cfg.base!r}, loras={self.cfg.lora_map!r})"
 
     # --- auth (a FastAPI dependency; LitServe puts it on every route, /health included) ---
     def authorize(self, request: Request) -> None:

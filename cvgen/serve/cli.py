@@ -35,13 +35,18 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="serve img2img over HTTP (LitServe)",
-        description="Serve image-to-image over HTTP: POST /predict, GET /health, GET /metrics. "
+        description="Serve portraits over HTTP: POST /predict, GET /looks, GET /loras, "
+        "GET /health, GET /metrics. "
         "Flags override the config file. The API key comes from the environment variable named "
         "by api_key_env (default CVGEN_API_KEY).",
     )
     p.add_argument("--config", help="YAML config (configs/serve.yaml)")
     p.add_argument("--base", help="base model: diffusers folder or hub id")
-    p.add_argument("--lora", help="LoRA file or folder, or wandb://entity/project/artifact:alias")
+    p.add_argument(
+        "--lora",
+        help="serve this one LoRA (file, folder, or wandb://entity/project/artifact:alias); "
+        "several: loras in the config",
+    )
     p.add_argument("--host", help="address to bind (0.0.0.0, 127.0.0.1 or ::)")
     p.add_argument("--port", type=int, help="port (default: $PORT, else 8080)")
     p.add_argument("--max_batch_size", type=int, help="most requests per batch")
@@ -65,22 +70,31 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 def run(args: argparse.Namespace) -> int:
     """Check the base model, resolve the LoRA, then supervise the server child until it exits
     or a signal comes."""
-    from cvgen.lora import check_lora_fits
     from cvgen.pipeline import check_base
-    from cvgen.serve.wandb_lora import resolve_lora
+    from cvgen.serve.looks import load_looks
+    from cvgen.serve.wandb_lora import resolve_loras
 
     cfg = config_from_args(args)
     check_base(cfg.base)  # fail here with the reason, not in a worker that LitServe hides
-    cfg = cfg.model_copy(update={"lora": resolve_lora(cfg.lora, cfg.wandb_cache_dir)})
-    check_lora_fits(cfg.base, cfg.lora)  # a LoRA for another base: one line, before the child
+    load_looks(cfg)  # a mistake in the looks file: one line naming file and line
+    cfg = resolve_loras(cfg)  # a LoRA for another base: one line, before the child
     return supervise(cfg)
 
 
 def serving_line(cfg: ServeConfig) -> str:
     """The line ``cvgen serve`` prints once the server answers."""
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    model = cfg.base + (f" + LoRA {cfg.lora}" if cfg.lora else "")
-    return f"cvgen: serving {model} on http://{host}:{cfg.port} (POST /predict; /health, /metrics)"
+    loras = cfg.lora_map
+    if len(loras) == 1:
+        model = f"{cfg.base} + LoRA {next(iter(loras.values()))}"
+    elif loras:
+        model = f"{cfg.base} + LoRAs {', '.join(loras)} (default {cfg.default_lora_name})"
+    else:
+        model = cfg.base
+    return (
+        f"cvgen: serving {model} on http://{host}:{cfg.port} "
+        "(POST /predict; /looks, /loras, /health, /metrics)"
+    )
 
 
 def _health_url(cfg: ServeConfig) -> str:

@@ -6,8 +6,9 @@ accepted where a number is asked, nothing else is converted). An unknown key, a 
 value out of range is a :class:`CVGenError` of one line that names the key and where it came
 from: ``configs/serve.yaml:12: max_batch_size must be >= 1, got 0``.
 
-The properties at the end say what follows from the settings (the image size, whether the LoRA
-scale is fixed); they are worked out here only. Secrets are not settings: the API key is read
+The properties at the end say what follows from the settings (the LoRAs by name and the
+default one, whether one is fused and its scale fixed, the image sizes); they are worked out
+here only. The looks file named by ``looks`` is read by :mod:`cvgen.serve.looks`. Secrets are not settings: the API key is read
 from the environment variable named by ``api_key_env``.
 """
 
@@ -18,6 +19,7 @@ import difflib
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +27,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cvgen.data.prepare import PrepareConfig
 from cvgen.errors import CVGenError
 from cvgen.perf import SpeedLevers
+from cvgen.pipeline import DEFAULT_ADAPTER
+from cvgen.portrait import Framing, framed_size
 from cvgen.serve.validation import UNKNOWN, first_error, phrase, shown
 
 DEFAULT_RESOLUTION = 512
+DEFAULT_SCALE_FACTOR = 8
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 Location = tuple[str, ...]
 
 
@@ -49,7 +56,9 @@ class ServeConfig(BaseModel):
 
     # model
     base: str = "models/tiny"
-    lora: str | None = None
+    lora: str | None = None  # one LoRA: short for loras: {default: <lora>}
+    loras: dict[str, str] = Field(default_factory=dict)  # name -> LoRA reference
+    default_lora: str | None = None  # the LoRA of a request that names none (None: the first)
     lora_scale: float = Field(1.0, ge=0)
     fuse_lora: bool = True
     scheduler: str = "dpm++"
@@ -77,6 +86,11 @@ class ServeConfig(BaseModel):
     max_lora_scale: float = Field(2.0, ge=0)
     max_prompt_chars: int = Field(1000, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
+    # portraits: looks, framing, keeping the face
+    looks: str | None = None  # a looks YAML file (None: the looks shipped with cvgen)
+    default_keep_face: bool = True
+    default_framing: Framing = "square"
+    face_fraction: float = Field(PrepareConfig.face_fraction, gt=0, le=1)
     jpeg_quality: int = Field(92, ge=1, le=95)
     # image_url fetching
     url_fetch: bool = True
@@ -106,6 +120,19 @@ class ServeConfig(BaseModel):
             raise ValueError(f"must be auto or one of {', '.join(DTYPES)}, got {name!r}")
         return name
 
+    @field_validator("loras")
+    @classmethod
+    def _lora_names(cls, loras: dict[str, str]) -> dict[str, str]:
+        for name, ref in loras.items():
+            if not LORA_NAME.fullmatch(name):
+                raise ValueError(
+                    f"name {name!r} must be letters, digits, _ or - (at most 64, starting with "
+                    "a letter or digit)"
+                )
+            if not ref.strip():
+                raise ValueError(f"{name} needs a LoRA file, folder or wandb:// reference")
+        return loras
+
     @field_validator("url_allowlist")
     @classmethod
     def _networks(cls, nets: list[str]) -> list[str]:
@@ -126,6 +153,18 @@ class ServeConfig(BaseModel):
             value, top = getattr(self, key), getattr(self, limit)
             if value > top:
                 raise SettingError((key, limit), f"must be <= {limit} ({top}), got {value!r}")
+        if self.lora and self.loras:
+            raise SettingError(
+                ("lora", "loras"),
+                "and loras are both set: lora X is short for loras: {default: X}; list every "
+                "LoRA under loras",
+            )
+        if self.default_lora is not None and self.default_lora not in self.lora_map:
+            known = ", ".join(self.lora_map) or "none"
+            raise SettingError(
+                ("default_lora", "loras"),
+                f"must be one of the names under loras ({known}), got {self.default_lora!r}",
+            )
         if int(self.default_steps * self.default_strength) < 1:  # img2img's own step count
             raise SettingError(
                 ("default_steps", "default_strength"),
@@ -136,15 +175,32 @@ class ServeConfig(BaseModel):
 
     # --- what follows from the settings ---
     @property
+    def lora_map(self) -> dict[str, str]:
+        """The served LoRAs by name (``lora: X`` is ``{"default": X}``), in the file's order."""
+        return (
+            dict(self.loras) if self.loras else ({DEFAULT_ADAPTER: self.lora} if self.lora else {})
+        )
+
+    @property
+    def default_lora_name(self) -> str | None:
+        """The LoRA of a request that names none: ``default_lora``, else the first listed."""
+        return self.default_lora or next(iter(self.lora_map), None)
+
+    @property
     def lora_loaded(self) -> bool:
         """Whether the server runs a LoRA."""
-        return bool(self.lora)
+        return bool(self.lora_map)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the LoRA is fused into the weights: only where one LoRA is served."""
+        return self.fuse_lora and len(self.lora_map) == 1
 
     @property
     def fixed_lora_scale(self) -> float | None:
-        """The scale the LoRA is fused at, which requests cannot change; None: no LoRA, or an
-        unfused one whose scale each request may set."""
-        return self.lora_scale if self.lora_loaded and self.fuse_lora else None
+        """The scale the LoRA is fused at, which requests cannot change; None: no LoRA, or
+        unfused ones (several LoRAs, or ``fuse_lora: false``) whose scale each request may set."""
+        return self.lora_scale if self.fused else None
 
     @property
     def default_lora_scale(self) -> float:
@@ -155,6 +211,15 @@ class ServeConfig(BaseModel):
     def image_size(self) -> int:
         """The side in px of the images this server makes: ``resolution``, else the model's."""
         return self.resolution or model_resolution(self.base)
+
+    @property
+    def scale_factor(self) -> int:
+        """The VAE's downscale factor: image sides must be multiples of it."""
+        return model_scale_factor(self.base)
+
+    def framed_size(self, framing: str) -> tuple[int, int]:
+        """(width, height) of an image at ``framing``: the longer side is :attr:`image_size`."""
+        return framed_size(self.image_size, framing, self.scale_factor)
 
     def api_key(self) -> str | None:
         """The API key from the environment (None: auth disabled)."""
@@ -177,42 +242,57 @@ def model_resolution(base: str) -> int:
     Read from the config files, without loading weights; 512 (SD 1.5) when ``base`` is not a
     local folder.
     """
-    root = Path(base)
     try:
-        unet = json.loads((root / "unet" / "config.json").read_text())
-        vae = json.loads((root / "vae" / "config.json").read_text())
-        factor = 2 ** (len(vae["block_out_channels"]) - 1)
-        return int(unet["sample_size"]) * factor
+        unet = json.loads((Path(base) / "unet" / "config.json").read_text())
+        return int(unet["sample_size"]) * model_scale_factor(base, strict=True)
     except (OSError, KeyError, TypeError, ValueError):
         return DEFAULT_RESOLUTION
+
+
+def model_scale_factor(base: str, strict: bool = False) -> int:
+    """The VAE downscale factor of a diffusers SD folder (8 for SD 1.5, also when ``base`` is
+    not a local folder, unless ``strict``)."""
+    try:
+        vae = json.loads((Path(base) / "vae" / "config.json").read_text())
+        return int(2 ** (len(vae["block_out_channels"]) - 1))
+    except (OSError, KeyError, TypeError, ValueError):
+        if strict:
+            raise
+        return DEFAULT_SCALE_FACTOR
 
 
 _LEVERS = frozenset(f.name for f in dataclasses.fields(SpeedLevers))
 
 
 def config_error(
-    error: ValidationError | SettingError, origins: Mapping[Location, str] | None = None
+    error: ValidationError | SettingError,
+    origins: Mapping[Location, str] | None = None,
+    prefix: Location = (),
+    model: type[BaseModel] | None = None,
 ) -> CVGenError:
     """The one-line error for a failed validation; ``origins`` maps a key (a path for nested
-    keys) to where its value came from (``file:line``, ``--flag``, ``$PORT``)."""
+    keys) to where its value came from (``file:line``, ``--flag``, ``$PORT``). ``model`` (the
+    ServeConfig by default) validated the mapping found at ``prefix`` in the file."""
     if isinstance(error, SettingError):
-        places = [_origin(origins, (key,), "") for key in error.keys]
-        return CVGenError(f"{next((p for p in places if p), 'serve config')}: {error}")
+        places = [_origin(origins, (*prefix, key), "") for key in error.keys]
+        whole = ".".join((*prefix, str(error)))
+        return CVGenError(f"{next((p for p in places if p), 'serve config')}: {whole}")
     details = first_error(error)
     loc = tuple(str(part) for part in details["loc"])
     message = phrase(details)
     head = message.split(" ", 1)
-    if loc == ("levers",) and head[0] in _LEVERS and len(head) > 1:
+    if model is None and loc == ("levers",) and head[0] in _LEVERS and len(head) > 1:
         loc, message = (*loc, head[0]), head[1]  # SpeedLevers checks its own fields
-    name = ".".join(loc) or "serve config"
+    name = ".".join((*prefix, *loc)) or "serve config"
     if details["type"] in UNKNOWN:
-        known = _LEVERS if loc[:1] == ("levers",) else ServeConfig.model_fields
+        levers = model is None and loc[:1] == ("levers",)
+        known = _LEVERS if levers else (model or ServeConfig).model_fields
         close = difflib.get_close_matches(loc[-1], sorted(known), n=1)
         text = f"unknown key {name}" + (f" (did you mean {close[0]}?)" if close else "")
     else:
         got = shown(details["input"]) if details["type"] not in ("value_error", "missing") else ""
         text = f"{name} {message}" + (f", got {got}" if got else "")
-    return CVGenError(f"{_origin(origins, loc)}: {text}")
+    return CVGenError(f"{_origin(origins, (*prefix, *loc))}: {text}")
 
 
 def _origin(
@@ -224,13 +304,16 @@ def _origin(
     return default
 
 
-def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[Location, str]]:
-    """The mapping in a YAML file and, for each key (nested keys as paths), ``file:line``."""
+def read_yaml(
+    path: str | os.PathLike[str], what: str = "the serve config"
+) -> tuple[dict[str, Any], dict[Location, str]]:
+    """The mapping in a YAML file and, for each key (nested keys as paths), ``file:line``;
+    ``what`` names the file in errors."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise CVGenError(f"{p}: cannot read the serve config: {e.strerror or e}") from e
+        raise CVGenError(f"{p}: cannot read {what}: {e.strerror or e}") from e
     try:
         values = yaml.safe_load(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -242,7 +325,7 @@ def read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[Locati
     if values is None:
         return {}, {}
     if not isinstance(values, dict):
-        raise CVGenError(f"{p}: the serve config must be a mapping of keys to values")
+        raise CVGenError(f"{p}: {what} must be a mapping of keys to values")
     origins: dict[Location, str] = {}
 
     def walk(node: yaml.Node, prefix: Location) -> None:

@@ -1,9 +1,12 @@
-"""The img2img engine behind both ``cvgen serve`` and ``cvgen generate``.
+"""The portrait engine behind both ``cvgen serve`` and ``cvgen generate``.
 
-It owns the diffusers pipeline (base model + LoRA, fused when the scale is fixed), applies the
-speed levers, and runs batches: requests that share :attr:`GenParams.BATCH_KEY` go through one
-pipeline call, each with its own prompt and seeded generator, so the same seed and inputs give
-the same image.
+It owns the pipelines (:class:`cvgen.pipeline.Pipelines`: img2img and inpainting on one base
+model, every LoRA an adapter on it, one fused where it is the only one), applies the speed
+levers, and runs batches: requests that share :attr:`GenParams.BATCH_KEY` (LoRA included: a
+batch never mixes LoRAs) go through one pipeline call, each with its own prompt and seeded
+generator, so the same seed and inputs give the same image. ``keep_face`` requests go through
+the inpainting pipeline with a mask around the head and get the photo's face composited back
+(:mod:`cvgen.portrait`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cvgen import portrait
+from cvgen.data.faces import Box
+from cvgen.pipeline import Pipelines
 from cvgen.serve.config import ServeConfig
 from cvgen.serve.schema import GenParams, GenRequest, GenResult
 
@@ -32,24 +38,25 @@ def group_by_key(requests: Sequence[GenRequest]) -> list[list[int]]:
 
 
 class Img2ImgEngine:
-    """A loaded pipeline that turns :class:`GenRequest` lists into :class:`GenResult` lists."""
+    """Loaded pipelines that turn :class:`GenRequest` lists into :class:`GenResult` lists."""
 
-    def __init__(self, pipe: Any, cfg: ServeConfig, device: str) -> None:
-        self.pipe = pipe
+    def __init__(self, pipes: Pipelines, cfg: ServeConfig, device: str) -> None:
+        self.pipes = pipes
+        self.pipe = pipes.img2img
         self.cfg = cfg
         self.device = device
-        self.resolution = cfg.image_size
+        self.scale_factor = cfg.scale_factor
 
     @classmethod
     def load(cls, cfg: ServeConfig, device: str | None = None) -> Img2ImgEngine:
-        """Load the base model and LoRA named in ``cfg`` (``cfg.lora`` must be a local path)."""
-        from cvgen.pipeline import load_img2img, resolve_device
+        """Load the base model and the LoRAs named in ``cfg`` (local paths by now)."""
+        from cvgen.pipeline import load_pipelines, resolve_device
 
         dev = resolve_device(device or cfg.device)
         t0 = time.perf_counter()
-        pipe = load_img2img(
+        pipes = load_pipelines(
             cfg.base,
-            cfg.lora,
+            cfg.lora_map,
             lora_scale=cfg.lora_scale,
             fuse=cfg.fuse_lora,
             device=dev,
@@ -57,14 +64,15 @@ class Img2ImgEngine:
             scheduler=cfg.scheduler,
         )
         log.info(
-            "model loaded: base=%s lora=%s fused=%s device=%s in %.1f s",
+            "model loaded: base=%s loras=%s default=%s fused=%s device=%s in %.1f s",
             cfg.base,
-            cfg.lora,
-            cfg.fuse_lora,
+            ",".join(f"{k}={v}" for k, v in cfg.lora_map.items()) or "none",
+            cfg.default_lora_name,
+            pipes.fused,
             dev,
             time.perf_counter() - t0,
         )
-        engine = cls(pipe, cfg, dev)
+        engine = cls(pipes, cfg, dev)
         engine.apply_levers()
         if cfg.warmup:
             engine.warmup()
@@ -89,13 +97,15 @@ class Img2ImgEngine:
 
     def warmup(self) -> float:
         """Run the default request at each warm-up batch size (compiles the UNet, fills the
-        allocator and kernel caches); returns the seconds it took."""
+        allocator and kernel caches); returns the seconds it took. Other framings' image sizes
+        are first run (and, compiled, compiled) by the first request that asks for them."""
         t0 = time.perf_counter()
-        size = self.resolution
-        image = Image.new("RGB", (size, size), (128, 110, 100))
         params = GenParams.parse({"prompt": "warm-up", "seed": 0}, self.cfg)  # the defaults
+        w, h = self.cfg.framed_size(params.framing)
+        image = Image.new("RGB", (w, h), (128, 110, 100))
+        face = Box(w // 3, h // 4, w // 3, w // 3)  # where head_and_shoulders puts a face
         for n in self.warmup_batch_sizes():
-            self.generate([GenRequest(image, params)] * n)
+            self.generate([GenRequest(image, params, face=face)] * n)
         seconds = time.perf_counter() - t0
         log.info("warm-up: batch sizes %s in %.1f s", self.warmup_batch_sizes(), seconds)
         return seconds
@@ -105,23 +115,50 @@ class Img2ImgEngine:
         return torch.Generator(device="cpu").manual_seed(seed)
 
     @torch.inference_mode()
-    def _run_group(self, requests: Sequence[GenRequest]) -> list[Image.Image]:
+    def _run_group(
+        self, requests: Sequence[GenRequest]
+    ) -> tuple[list[Image.Image], list[dict[str, float]]]:
+        """One pipeline call for requests that share a batch key; the images and, per image,
+        the seconds each stage took (``generate``: the pipeline call, for the whole batch;
+        ``mask`` and ``composite``: keep-face's work for this image)."""
         p = requests[0].params
-        kwargs: dict[str, Any] = {}
-        if self.cfg.lora_loaded and self.cfg.fixed_lora_scale is None:
-            kwargs["cross_attention_kwargs"] = {"scale": p.lora_scale}
-        out = self.pipe(
-            prompt=[r.params.prompt for r in requests],
-            negative_prompt=[r.params.negative_prompt for r in requests],
-            image=[r.image for r in requests],
-            strength=p.strength,
-            num_inference_steps=p.steps,
-            guidance_scale=p.guidance_scale,
-            generator=[self._generator(r.params.seed) for r in requests],
-            output_type="pil",
-            **kwargs,
-        )
-        return list(out.images)
+        self.pipes.select(p.lora or self.cfg.default_lora_name, p.lora_scale)
+        common: dict[str, Any] = {
+            "prompt": [r.params.prompt for r in requests],
+            "negative_prompt": [r.params.negative_prompt for r in requests],
+            "image": [r.image for r in requests],
+            "strength": p.strength,
+            "num_inference_steps": p.steps,
+            "guidance_scale": p.guidance_scale,
+            "generator": [self._generator(r.params.seed) for r in requests],
+            "output_type": "pil",
+        }
+        if not p.keep_face:
+            t0 = time.perf_counter()
+            images = list(self.pipes.img2img(**common).images)
+            return images, [{"generate": time.perf_counter() - t0} for _ in requests]
+        t0 = time.perf_counter()
+        keeps, repaints = [], []
+        for r in requests:
+            assert r.face is not None, "keep_face requests have a face (checked on arrival)"
+            keeps.append(portrait.keep_mask(r.image.size, r.face))
+            repaints.append(portrait.repaint_mask(r.image.size, r.face, self.scale_factor))
+        mask_s = (time.perf_counter() - t0) / len(requests)
+        w, h = requests[0].image.size
+        # a 4-channel UNet never reads masked-image latents: zeros skip a VAE encode per image
+        unused = torch.zeros(len(requests), 4, h // self.scale_factor, w // self.scale_factor)
+        t1 = time.perf_counter()
+        images = self.pipes.inpaint(
+            **common, mask_image=repaints, masked_image_latents=unused, width=w, height=h
+        ).images
+        generate_s = time.perf_counter() - t1
+        out, timings = [], []
+        for r, generated, keep in zip(requests, images, keeps, strict=True):
+            t2 = time.perf_counter()
+            out.append(portrait.composite(r.image, generated, keep))
+            stages = {"mask": mask_s, "generate": generate_s}
+            timings.append({**stages, "composite": time.perf_counter() - t2})
+        return out, timings
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         """One result per request, in order; compatible requests share a pipeline call."""
@@ -129,11 +166,13 @@ class Img2ImgEngine:
         for idx in group_by_key(requests):
             group = [requests[i] for i in idx]
             t0 = time.perf_counter()
-            images = self._run_group(group)
+            images, stages = self._run_group(group)
             seconds = time.perf_counter() - t0
             memory = self.memory()
-            for pos, (i, img) in enumerate(zip(idx, images, strict=True)):
-                results[i] = GenResult(img, requests[i].params, len(idx), pos, seconds, memory)
+            for pos, (i, img, timings) in enumerate(zip(idx, images, stages, strict=True)):
+                results[i] = GenResult(
+                    img, requests[i].params, len(idx), pos, seconds, memory, timings
+                )
         return [r for r in results if r is not None]
 
     def memory(self) -> dict[str, int]:

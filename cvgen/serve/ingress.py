@@ -20,16 +20,31 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from cvgen.netfetch import FetchError, fetch_image_bytes, parse_networks
+from cvgen.portrait import face_detector
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.schema import ClientError, GenParams, GenRequest, check_image_sources, decode_photo
+from cvgen.serve.looks import Look, load_looks
+from cvgen.serve.schema import (
+    ClientError,
+    GenParams,
+    GenRequest,
+    check_image_sources,
+    decode_photo,
+    frame_request_photo,
+)
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
-def wants_json(request: Request) -> bool:
-    """Whether the client asked for a JSON answer (``Accept: application/json``)."""
+def answer_format(request: Request) -> str:
+    """``json`` (``Accept: application/json``: the JPEG in base64 with the details), ``png``
+    (``Accept: image/png``: lossless) or ``jpeg`` (anything else)."""
     accept = request.headers.get("accept", "").lower()
-    return "application/json" in accept and "image/jpeg" not in accept
+    if "image/jpeg" not in accept:
+        if "application/json" in accept:
+            return "json"
+        if "image/png" in accept:
+            return "png"
+    return "jpeg"
 
 
 def decode_b64(text: Any) -> bytes:
@@ -46,10 +61,11 @@ def decode_b64(text: Any) -> bytes:
 class Ingress:
     """Reads and validates ``POST /predict`` bodies for one server configuration."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, looks: dict[str, Look] | None = None) -> None:
         self.cfg = cfg
-        self.size = cfg.image_size
+        self.looks = load_looks(cfg) if looks is None else looks
         self.allowlist = parse_networks(cfg.url_allowlist)
+        self.detector = face_detector()  # cvgen data prepare's: serving frames as training did
 
     async def _read_form(self, request: Request) -> tuple[dict[str, Any], bytes | None, bool]:
         try:
@@ -119,7 +135,7 @@ class Ingress:
             }
         )
         image_fields = {k: fields.pop(k) for k in ("image_b64", "image_url") if k in fields}
-        params = GenParams.parse(fields, self.cfg)
+        params = GenParams.parse(fields, self.cfg, self.looks)
         if source == "image_b64":
             data = decode_b64(image_fields["image_b64"])
         elif source == "image_url":
@@ -140,5 +156,12 @@ class Ingress:
                 status = 403 if e.reason == "blocked_address" else 422
                 raise ClientError(status, "image_url", e.message) from None
         assert data is not None
-        image = await run_in_threadpool(decode_photo, data, source, self.size, self.cfg.max_pixels)
-        return GenRequest(image, params, request_id)
+        return await run_in_threadpool(self._frame, data, source, params, request_id)
+
+    def _frame(self, data: bytes, source: str, params: GenParams, request_id: str) -> GenRequest:
+        """Decode, detect the face and frame (a worker thread: detection takes CPU time)."""
+        photo = decode_photo(data, source, self.cfg.max_pixels)
+        framed, detect_s = frame_request_photo(photo, source, params, self.cfg, self.detector)
+        return GenRequest.framed(
+            framed, params, request_id=request_id, timings={"detect": detect_s}
+        )

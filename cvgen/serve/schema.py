@@ -1,9 +1,10 @@
 """What a request is: its parameters (a pydantic model), its photo, and what comes back.
 
-One request has one shape from validation to the model: :class:`GenRequest` (the photo at model
-resolution and the validated :class:`GenParams`) goes through LitServe's queue, and one
-:class:`GenResult` comes back. The HTTP server and ``cvgen generate`` validate with the same
-:meth:`GenParams.parse`. Every client mistake is a :class:`ClientError` that carries an HTTP
+One request has one shape from validation to the model: :class:`GenRequest` (the photo framed
+at the output size, the face found in it, and the validated :class:`GenParams`) goes through
+LitServe's queue, and one :class:`GenResult` comes back. The HTTP server and ``cvgen generate``
+validate with the same :meth:`GenParams.parse` and frame with the same
+:func:`frame_request_photo`. Every client mistake is a :class:`ClientError` that carries an HTTP
 status and the name of the field at fault; nothing here touches the model.
 """
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from PIL import Image
 from pydantic import (
@@ -29,9 +31,15 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from cvgen.images import ImageError, open_image, resize_and_crop
+from cvgen.data.faces import Box
+from cvgen.images import ImageError, open_image
+from cvgen.portrait import Framed, Framing, frame_photo
 from cvgen.serve.config import ServeConfig
 from cvgen.serve.validation import UNKNOWN, first_error, phrase, shown
+
+if TYPE_CHECKING:
+    from cvgen.data.faces import FaceDetector
+    from cvgen.serve.looks import Look
 
 MAX_SEED = 2**32 - 1
 MAX_ASPECT = 8
@@ -82,7 +90,9 @@ def _number(value: Any, integer: bool) -> int | float:
     return x
 
 
-def _text(value: Any) -> str:
+def _text(value: Any) -> str | None:
+    if value is None:  # an optional field's default (a required one rejects it after)
+        return value
     if not isinstance(value, str):
         raise PydanticCustomError("text", "must be text")
     if "\x00" in value:
@@ -90,9 +100,23 @@ def _text(value: Any) -> str:
     return value
 
 
+_TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise PydanticCustomError("boolean", "must be true or false")
+
+
 Number = BeforeValidator(lambda v: _number(v, integer=False))
 Integer = BeforeValidator(lambda v: _number(v, integer=True))
 Text = BeforeValidator(_text)
+Boolean = BeforeValidator(_boolean)
 
 
 def _limits(info: ValidationInfo) -> ServeConfig | None:
@@ -139,50 +163,126 @@ def random_seed() -> int:
 
 
 class GenParams(BaseModel):
-    """The generation parameters of one request, validated and with defaults filled in.
+    """The generation parameters of one request (``POST /predict``), validated and with
+    defaults filled in: from the request, then its look, then the server config.
 
     To add a request field, declare it here: its type with the reader for form strings
-    (``Number``, ``Integer``, ``Text``), its limits (``Field``, ``at_most``, ``max_chars``)
-    and, when the server config supplies its default, ``FromConfig(key)``. Fields in ``BATCH_KEY`` must be
-    equal for requests to share a pipeline call.
+    (``Number``, ``Integer``, ``Text``, ``Boolean``), its limits (``Field``, ``at_most``,
+    ``max_chars``), its ``description`` (the API documentation) and, when the server config
+    supplies its default, ``FromConfig(key)``. Fields in ``BATCH_KEY`` must be equal for
+    requests to share a pipeline call.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    BATCH_KEY: ClassVar[tuple[str, ...]] = ("steps", "strength", "guidance_scale", "lora_scale")
+    BATCH_KEY: ClassVar[tuple[str, ...]] = (
+        "steps",
+        "strength",
+        "guidance_scale",
+        "lora_scale",
+        "lora",  # a batch never mixes LoRAs
+        "keep_face",  # keep_face runs the inpainting pipeline
+        "framing",  # one image size per call
+    )
     PRIVATE: ClassVar[frozenset[str]] = frozenset({"prompt", "negative_prompt"})
 
-    prompt: Annotated[str, Text, max_chars("max_prompt_chars"), AfterValidator(str.strip)]
-    negative_prompt: Annotated[
-        str, Text, max_chars("max_prompt_chars"), FromConfig("default_negative_prompt")
+    prompt: Annotated[
+        str,
+        Text,
+        max_chars("max_prompt_chars"),
+        AfterValidator(str.strip),
+        Field(description="what to make of the photo; with a look, added to the look's prompt"),
     ]
-    strength: Annotated[float, Number, Field(gt=0, le=1), FromConfig("default_strength")]
-    steps: Annotated[int, Integer, Field(ge=1), at_most("max_steps"), FromConfig("default_steps")]
+    negative_prompt: Annotated[
+        str,
+        Text,
+        max_chars("max_prompt_chars"),
+        FromConfig("default_negative_prompt"),
+        Field(description="what to avoid; with a look, added to the look's negative prompt"),
+    ]
+    strength: Annotated[
+        float,
+        Number,
+        Field(gt=0, le=1, description="how far from the photo to go, in (0, 1]"),
+        FromConfig("default_strength"),
+    ]
+    steps: Annotated[
+        int,
+        Integer,
+        Field(ge=1, description="denoising steps (img2img runs steps x strength of them)"),
+        at_most("max_steps"),
+        FromConfig("default_steps"),
+    ]
     guidance_scale: Annotated[
         float,
         Number,
-        Field(ge=0),
+        Field(ge=0, description="classifier-free guidance: how closely to follow the prompt"),
         at_most("max_guidance_scale"),
         FromConfig("default_guidance_scale"),
     ]
-    seed: Annotated[int, Integer, Field(ge=0, le=MAX_SEED)] = Field(default_factory=random_seed)
+    seed: Annotated[
+        int,
+        Integer,
+        Field(ge=0, le=MAX_SEED, description="random seed (default: random, answered in X-Seed)"),
+    ] = Field(default_factory=random_seed)
     lora_scale: Annotated[
-        float, Number, Field(ge=0), at_most("max_lora_scale"), FromConfig("default_lora_scale")
+        float,
+        Number,
+        Field(ge=0, description="LoRA strength (fixed where one LoRA is fused)"),
+        at_most("max_lora_scale"),
+        FromConfig("default_lora_scale"),
     ]
+    look: Annotated[
+        str | None,
+        Text,
+        Field(description="a look from GET /looks: its prompt, negative prompt and settings"),
+    ] = None
+    lora: Annotated[
+        str | None,
+        Text,
+        Field(description="which LoRA from GET /loras (default: the server's default LoRA)"),
+        FromConfig("default_lora_name"),
+    ] = None
+    keep_face: Annotated[
+        bool,
+        Boolean,
+        Field(description="keep the face's pixels and regenerate only around it"),
+        FromConfig("default_keep_face"),
+    ] = False
+    framing: Annotated[
+        Framing,
+        Text,
+        Field(description="aspect of the head-and-shoulders frame: square, 4:5, 3:4, 35x45"),
+        FromConfig("default_framing"),
+    ] = "square"
 
     @classmethod
-    def parse(cls, fields: Mapping[str, Any], cfg: ServeConfig) -> GenParams:
+    def parse(
+        cls,
+        fields: Mapping[str, Any],
+        cfg: ServeConfig,
+        looks: Mapping[str, Look] | None = None,
+    ) -> GenParams:
         """Validate the parameter fields of a request against ``cfg`` (its limits, defaults and
-        LoRA); a missing field, ``None`` or a blank string gets the default."""
+        LoRAs) and ``looks``; a missing field, ``None`` or a blank string gets the default: the
+        look's where the request names one (:meth:`cvgen.serve.looks.Look.merge`), else the
+        config's."""
         sent = {
             k: v
             for k, v in fields.items()
             if v is not None and not (isinstance(v, str) and not v.strip())
         }
         values = dict(sent)
-        for name, info in cls.model_fields.items():
+        name = sent.get("look")
+        if name is not None:
+            look = (looks or {}).get(name) if isinstance(name, str) else None
+            if look is None:
+                known = ", ".join(sorted(looks or {})) or "none"
+                raise ClientError(422, "look", f"unknown look {shown(name, 40)}; known: {known}")
+            values = look.merge(sent)
+        for field_name, info in cls.model_fields.items():
             default = next((m for m in info.metadata if isinstance(m, FromConfig)), None)
-            if default is not None and name not in values:
-                values[name] = getattr(cfg, default.key)
+            if default is not None and field_name not in values:
+                values[field_name] = getattr(cfg, default.key)
         try:
             return cls.model_validate(values, context={"cfg": cfg, "sent": frozenset(sent)})
         except ValidationError as e:
@@ -200,9 +300,15 @@ class GenParams(BaseModel):
                 "steps",
                 f"steps x strength must be at least 1 ({self.steps} x {self.strength})",
             )
+        if ("lora_scale" in sent or "lora" in sent) and not cfg.lora_loaded:
+            field = "lora" if "lora" in sent else "lora_scale"
+            raise ClientError(422, field, "this server has no LoRA loaded")
+        if "lora" in sent and self.lora not in cfg.lora_map:
+            known = ", ".join(cfg.lora_map)
+            raise ClientError(
+                422, "lora", f"unknown LoRA {shown(self.lora, 40)}; this server has: {known}"
+            )
         if "lora_scale" in sent:
-            if not cfg.lora_loaded:
-                raise ClientError(422, "lora_scale", "this server has no LoRA loaded")
             fixed = cfg.fixed_lora_scale
             if fixed is not None and not math.isclose(self.lora_scale, fixed):
                 raise ClientError(
@@ -227,6 +333,8 @@ def _client_error(error: ValidationError) -> ClientError:
     name = str(details["loc"][0])[:64] if details["loc"] else None
     if details["type"] in UNKNOWN:
         return ClientError(422, name, "unknown field")
+    if details["type"] == "missing" and name == "prompt":
+        return ClientError(422, name, "is required: send a prompt or a look")
     message = phrase(details)
     if details["type"] in ("greater_than", "greater_than_equal", "less_than_equal", "limit"):
         got = shown(details["input"], 40)
@@ -249,9 +357,9 @@ def check_image_sources(present: Mapping[str, bool]) -> str:
     return used[0]
 
 
-def decode_photo(data: bytes, field: str, size: int, max_pixels: int) -> Image.Image:
-    """A client's photo, decoded (at most ``max_pixels``) and brought to ``size`` x ``size``,
-    cropped so the face stays in frame; :class:`ClientError` naming ``field`` if it cannot be."""
+def decode_photo(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """A client's photo, decoded (at most ``max_pixels``); :class:`ClientError` naming
+    ``field`` if it cannot be used."""
     try:
         img = open_image(data, max_pixels=max_pixels)
     except ImageError as e:
@@ -260,9 +368,26 @@ def decode_photo(data: bytes, field: str, size: int, max_pixels: int) -> Image.I
     except Exception as e:  # any decoder failure on client bytes is the client's problem
         raise ClientError(422, field, f"not a readable image ({type(e).__name__})") from None
     if max(img.size) > MAX_ASPECT * min(img.size):
-        # scaling such a strip to cover the model's square would need huge buffers
+        # scaling such a strip to cover the model's frame would need huge buffers
         raise ClientError(422, field, f"aspect ratio {img.width}x{img.height} is too extreme")
-    return resize_and_crop(img, size, size)
+    return img
+
+
+NO_FACE = "no face found in the photo; send a photo with a face, or keep_face=false"
+
+
+def frame_request_photo(
+    img: Image.Image, field: str, params: GenParams, cfg: ServeConfig, detector: FaceDetector
+) -> tuple[Framed, float]:
+    """The photo framed as ``params`` ask (head and shoulders on the largest face, or the
+    centre crop without one) and the seconds face detection took; with ``keep_face`` a photo
+    without a face is a 422 naming ``field``."""
+    t0 = time.perf_counter()
+    faces = detector.detect(img)
+    detect_s = time.perf_counter() - t0
+    if params.keep_face and not faces:
+        raise ClientError(422, field, NO_FACE)
+    return frame_photo(img, faces, cfg.framed_size(params.framing), cfg.face_fraction), detect_s
 
 
 # --- what goes through the queue, and what comes back -------------------------------------
@@ -270,12 +395,19 @@ def decode_photo(data: bytes, field: str, size: int, max_pixels: int) -> Image.I
 
 @dataclass
 class GenRequest:
-    """One request on its way to the model: the photo at model resolution and its validated
-    parameters. This object goes through LitServe's queue to the inference worker."""
+    """One request on its way to the model: the framed photo and its validated parameters.
+    This object goes through LitServe's queue to the inference worker."""
 
-    image: Image.Image
+    image: Image.Image  # the framed photo, at the output size
     params: GenParams
     request_id: str = ""
+    face: Box | None = None  # the face in ``image``'s pixels (None: none found)
+    faces_found: int = 0  # faces in the photo (the largest is ``face``)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage before the queue
+
+    @classmethod
+    def framed(cls, framed: Framed, params: GenParams, **kw: Any) -> GenRequest:
+        return cls(framed.image, params, face=framed.face, faces_found=framed.faces_found, **kw)
 
 
 @dataclass
@@ -288,3 +420,4 @@ class GenResult:
     batch_index: int  # position in that call (0: the first)
     predict_seconds: float  # wall time of that pipeline call
     memory: dict[str, int] = field(default_factory=dict)  # worker memory after the call
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage in the worker

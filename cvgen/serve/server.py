@@ -14,6 +14,8 @@ the queue. The route LitServe registers for the API path is replaced by that one
 from __future__ import annotations
 
 import base64
+import dataclasses
+import io
 import json
 import logging
 from collections.abc import Callable, Coroutine
@@ -30,7 +32,8 @@ from starlette.exceptions import HTTPException
 from cvgen.images import jpeg_bytes
 from cvgen.serve.api import Img2ImgAPI
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.ingress import Ingress, wants_json
+from cvgen.serve.ingress import Ingress, answer_format
+from cvgen.serve.looks import look_list
 from cvgen.serve.metrics import ServeMetrics
 from cvgen.serve.middleware import ObserveMiddleware
 from cvgen.serve.schema import ClientError, GenRequest, GenResult
@@ -39,16 +42,32 @@ log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
-def result_response(result: GenResult, want_json: bool, quality: int) -> Response:
-    """The HTTP answer for one generated image: JPEG bytes, or JSON with base64."""
+def result_response(job: GenRequest, result: GenResult, fmt: str, quality: int) -> Response:
+    """The HTTP answer for one generated image in ``fmt`` (:func:`answer_format`): JPEG or PNG
+    bytes, or JSON with the JPEG in base64.
+
+    Headers: ``X-Seed``, ``X-Parameters`` (without the prompts), ``X-Batch-Size``,
+    ``X-Face-Box`` (``x,y,w,h`` in the answer's pixels: the face framing centred on and
+    keep_face kept; absent without a face), ``X-Faces-Found`` and ``Server-Timing`` (ms per
+    stage: detect, mask, generate, composite)."""
     params = result.params.public()
-    jpeg = jpeg_bytes(result.image, quality=quality)
+    face = job.face
+    timings = {**job.timings, **result.timings}
     headers = {
         "X-Seed": str(params["seed"]),
         "X-Parameters": json.dumps(params, separators=(",", ":")),
         "X-Batch-Size": str(result.batch_size),
+        "X-Faces-Found": str(job.faces_found),
+        "Server-Timing": ", ".join(f"{k};dur={1000 * v:.1f}" for k, v in timings.items()),
     }
-    if want_json:
+    if face is not None:
+        headers["X-Face-Box"] = f"{face.x},{face.y},{face.w},{face.h}"
+    if fmt == "png":
+        buf = io.BytesIO()
+        result.image.save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png", headers=headers)
+    jpeg = jpeg_bytes(result.image, quality=quality)
+    if fmt == "json":
         body = {
             "image_b64": base64.b64encode(jpeg).decode("ascii"),
             "media_type": "image/jpeg",
@@ -56,6 +75,8 @@ def result_response(result: GenResult, want_json: bool, quality: int) -> Respons
             "height": result.image.height,
             "seed": params["seed"],
             "parameters": params,
+            "face_box": dataclasses.asdict(face) if face is not None else None,
+            "faces_found": job.faces_found,
         }
         return JSONResponse(body, headers=headers)
     return Response(jpeg, media_type="image/jpeg", headers=headers)
@@ -68,13 +89,29 @@ class CVGenServer(ls.LitServer):
         self.ingress = ingress
         self.metrics = metrics
         super().__init__(lit_api, **kw)
+        auth = [Depends(self.setup_auth(lit_api))]
         self.app.add_api_route(
             "/metrics",
             self._metrics_endpoint,
             methods=["GET"],
-            dependencies=[Depends(self.setup_auth(lit_api))],
+            dependencies=auth,
             include_in_schema=False,
         )
+        looks = look_list(ingress.looks)
+        loras = lora_list(ingress.cfg)
+
+        async def list_looks() -> JSONResponse:
+            """The looks a request may name in ``look``: name, description and settings."""
+            return JSONResponse({"looks": looks})
+
+        async def list_loras() -> JSONResponse:
+            """The LoRAs a request may name in ``lora``: name, whether it is the default, its
+            scale, and what it was trained on (``cvgen_lora.json``; {} for a LoRA from
+            elsewhere)."""
+            return JSONResponse({"loras": loras})
+
+        self.app.add_api_route("/looks", list_looks, methods=["GET"], dependencies=auth)
+        self.app.add_api_route("/loras", list_loras, methods=["GET"], dependencies=auth)
         self.app.add_exception_handler(HTTPException, self._http_error)
 
     async def _metrics_endpoint(self) -> Response:
@@ -133,18 +170,35 @@ class CVGenServer(ls.LitServer):
                 return JSONResponse(e.body(), status_code=e.status)
             # request_type other than Request: LitServe queues the object as it is
             result = await handler.handle_request(job, GenRequest)
-            metrics.observe_result(result)
+            metrics.observe_result(job, result)
             state["batch_size"] = result.batch_size
             return await run_in_threadpool(
-                result_response, result, wants_json(request), ingress.cfg.jpeg_quality
+                result_response, job, result, answer_format(request), ingress.cfg.jpeg_quality
             )
 
         return predict
 
 
+def lora_list(cfg: ServeConfig) -> list[dict[str, Any]]:
+    """What ``GET /loras`` answers: each LoRA's name, whether it is the default, its scale
+    (fixed where fused) and its ``cvgen_lora.json`` (what it was trained on)."""
+    from cvgen.lora import read_lora_info
+
+    return [
+        {
+            "name": name,
+            "default": name == cfg.default_lora_name,
+            "scale": cfg.lora_scale,
+            "fused": cfg.fused,
+            "trained": read_lora_info(path),
+        }
+        for name, path in cfg.lora_map.items()
+    ]
+
+
 def build_server(cfg: ServeConfig, api_key: str | None = None) -> CVGenServer:
-    """The LitServer for ``cfg``; ``cfg.lora`` must already be a local path (see
-    :func:`cvgen.serve.wandb_lora.resolve_lora`). ``api_key`` None disables auth."""
+    """The LitServer for ``cfg``; its LoRAs must already be local paths (see
+    :func:`cvgen.serve.wandb_lora.resolve_loras`). ``api_key`` None disables auth."""
     metrics = ServeMetrics()
     server = CVGenServer(
         Img2ImgAPI(cfg, api_key=api_key),

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cvgen.errors import CVGenError
-from cvgen.lora import resolve_lora_file
+from cvgen.lora import check_lora_fits, resolve_lora_file
+from cvgen.serve.config import ServeConfig
 
 SCHEME = "wandb://"
 _REF = re.compile(
@@ -75,6 +76,24 @@ def resolve_lora(
     except FileNotFoundError as e:
         raise CVGenError(f"{lora}: the artifact holds no LoRA weights ({e})") from None
     return str(target)
+
+
+def resolve_loras(cfg: ServeConfig, api: Any = None) -> ServeConfig:
+    """``cfg`` with every LoRA a local path (``wandb://`` references downloaded once), each
+    checked against the base model (one line for a LoRA made for another base), listed under
+    ``loras`` (a lone ``lora: X`` becomes ``loras: {default: X}``)."""
+    resolved = {}
+    for name, ref in cfg.lora_map.items():
+        try:
+            path = resolve_lora(ref, cfg.wandb_cache_dir, api)
+            assert path is not None
+            check_lora_fits(cfg.base, path)
+        except CVGenError as e:
+            if not cfg.loras:
+                raise
+            raise CVGenError(f"loras.{name}: {e}") from None
+        resolved[name] = path
+    return cfg.model_copy(update={"lora": None, "loras": resolved})
 
 
 def _complete(path: Path) -> bool:

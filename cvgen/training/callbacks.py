@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cvgen import lora as lora_lib
 from cvgen.data.batches import batch_size_of
+from cvgen.training import lineage
 from cvgen.training.ema import averaged_weights, find_ema
 from cvgen.training.module import LoRADiffusion
 
@@ -31,7 +32,14 @@ class LoRAExport(Callback):
         kohya: write the kohya-format file for AUTOMATIC1111 / ComfyUI beside the diffusers one.
         wandb_artifact: at the end, log the LoRA folder to W&B as an artifact of type ``lora``
             with this name (aliases ``latest`` and ``step-N``), which ``cvgen serve --lora
-            wandb://entity/project/<name>:latest`` loads; null: no artifact.
+            wandb://entity/project/<name>:latest`` loads; null: no artifact. Its metadata holds
+            the last validation loss (``metrics``), which ``cvgen promote`` compares.
+        registry: also link that artifact to this W&B registry collection
+            (``wandb-registry-model/<collection>``), where ``cvgen promote`` moves the
+            ``staging`` / ``production`` aliases; null: no link. Online runs only.
+        dataset_artifact: at the start, record the training data as an input of the run: a
+            ``dataset`` artifact with this name that points at the data's DVC md5 on the DVC
+            remote (W&B lineage: data -> run -> LoRA); null: none. Online runs only.
     """
 
     def __init__(
@@ -40,12 +48,18 @@ class LoRAExport(Callback):
         every_n_train_steps: int = 0,
         kohya: bool = True,
         wandb_artifact: str | None = "cvgen-lora",
+        registry: str | None = None,
+        dataset_artifact: str | None = "cvgen-data",
     ) -> None:
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.kohya = kohya
         self.wandb_artifact = wandb_artifact
+        self.registry = registry
+        self.dataset_artifact = dataset_artifact
         self.last_export: Path | None = None
+        self.metrics: dict[str, float] = {}  # evaluation metrics for the artifact's metadata
+        self.metrics_step: int | None = None
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "lora"))
@@ -81,7 +95,21 @@ class LoRAExport(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
+            val_loss = trainer.callback_metrics.get("val/loss")
+            if val_loss is not None:
+                self.metrics["val/loss"] = float(val_loss)
+                self.metrics_step = trainer.global_step
             self.export(trainer, module)
+
+    @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.dataset_artifact:
+            try:
+                line = lineage.log_data_input(trainer, self.dataset_artifact)
+            except Exception as e:  # lineage must never stop training
+                line = f"cvgen: could not record the data input in W&B: {e}"
+            if line:
+                rank_zero_info(line)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         path = self.export(trainer, module)
@@ -90,23 +118,15 @@ class LoRAExport(Callback):
 
     @rank_zero_only
     def _log_artifact(self, trainer: pl.Trainer, folder: Path) -> None:
-        for logger in trainer.loggers:
-            if type(logger).__name__ != "WandbLogger":
-                continue
-            try:
-                import wandb
-
-                artifact = wandb.Artifact(
-                    self.wandb_artifact or "cvgen-lora",
-                    type="lora",
-                    metadata={"global_step": trainer.global_step},
-                )
-                artifact.add_dir(str(folder))
-                logger.experiment.log_artifact(  # type: ignore[attr-defined]
-                    artifact, aliases=["latest", f"step-{trainer.global_step}"]
-                )
-            except Exception as e:  # the LoRA is on disk: a failed upload must not fail the run
-                rank_zero_info(f"cvgen: could not log the LoRA artifact to W&B: {e}")
+        metadata = lineage.lora_metadata(trainer, self.metrics, self.metrics_step)
+        try:
+            lines = lineage.log_lora(
+                trainer, folder, self.wandb_artifact or "cvgen-lora", metadata, self.registry
+            )
+        except Exception as e:  # the LoRA is on disk: a failed upload must not fail the run
+            lines = [f"cvgen: could not log the LoRA artifact to W&B: {e}"]
+        for line in lines:
+            rank_zero_info(line)
 
 
 class SampleImages(Callback):
