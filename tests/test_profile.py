@@ -36,8 +36,22 @@ def test_profile_writes_a_chrome_trace_and_reports_top_operators_by_self_time(
     ops = {e["name"] for e in complete if e.get("cat") == "cpu_op"}
     assert {"aten::mm", "aten::convolution"} <= ops or {"aten::addmm", "aten::conv2d"} <= ops
     # the recorded window: the 2 active steps, after 1 skipped and 1 warm-up
-    steps = sorted(e["name"] for e in complete if e["name"].startswith("ProfilerStep#"))
-    assert steps == ["ProfilerStep#2", "ProfilerStep#3"], steps
+    steps = sorted(
+        (e for e in complete if e["name"].startswith("ProfilerStep#")), key=lambda e: e["ts"]
+    )
+    assert [e["name"] for e in steps] == ["ProfilerStep#2", "ProfilerStep#3"]
+    # a profiler step is a whole optimizer step: each optimizer step lies inside one, not
+    # across two (Lightning steps the profiler when training_step returns, mid-closure)
+    updates = [e for e in complete if e["name"].startswith("Optimizer.step#")]
+    assert len(updates) == 2
+    for update, step in zip(updates, steps, strict=True):
+        assert (
+            step["ts"] <= update["ts"] and update["ts"] + update["dur"] <= step["ts"] + step["dur"]
+        )
+    # so the self times add up to the profiled time, not more
+    averages = profiler.function_events.key_averages()
+    profiled = sum(e.cpu_time_total for e in averages if e.key.startswith("ProfilerStep"))
+    assert sum(e.self_cpu_time_total for e in averages) <= 1.01 * profiled
     # the printed table: operators by self CPU time, largest first
     report = profiler.report or ""
     assert "top 7 operators by self CPU time over 2 profiled training steps" in report

@@ -21,6 +21,8 @@ from lightning.pytorch.profilers import PyTorchProfiler
 
 PROFILE_FLAG = "--profile"
 PROFILER_CLASS = "cvgen.training.profiler.TraceProfiler"
+# Lightning's profiled action around one whole training batch: forward, backward, optimizer step
+BATCH_ACTION = "run_training_batch"
 
 
 class TraceProfiler(PyTorchProfiler):
@@ -65,8 +67,22 @@ class TraceProfiler(PyTorchProfiler):
             profile_memory=profile_memory,
         )
         self.top = top
-        self.active = active
+        self.window = wait + warmup + active
         self.report: str | None = None
+        self._step_after_batch: str | None = None
+
+    def stop(self, action_name: str) -> None:
+        if action_name.endswith("training_step") and self.profiler is not None:
+            # end the range now, step the profiler when the whole batch is done
+            recording = self._recording_map.pop(action_name, None)
+            if recording is not None:
+                recording.__exit__(None, None, None)
+            self._step_after_batch = action_name
+            return
+        super().stop(action_name)
+        if action_name == BATCH_ACTION and self._step_after_batch is not None:
+            step_action, self._step_after_batch = self._step_after_batch, None
+            super().stop(step_action)  # its range has ended: this only steps the profiler
 
     def _write_trace(self, profiler: torch.profiler.profile) -> None:
         # PyTorch's TensorBoard handler (Chrome trace JSON), named without the brackets of
@@ -93,10 +109,10 @@ class TraceProfiler(PyTorchProfiler):
         on_gpu = any(getattr(e, "self_device_time_total", 0) > 0 for e in averages)
         sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
         table = averages.table(sort_by=sort, row_limit=self.top)
-        where = "CUDA" if on_gpu else "CPU"
+        steps = sum(e.count for e in averages if e.key.startswith("ProfilerStep"))
         lines = [
-            f"cvgen: top {self.top} operators by self {where} time over {self.active} "
-            "profiled training steps:",
+            f"cvgen: top {self.top} operators by self {'CUDA' if on_gpu else 'CPU'} time over "
+            f"{steps} profiled training steps:",
             table,
         ]
         traces = self.traces()
@@ -104,6 +120,11 @@ class TraceProfiler(PyTorchProfiler):
             lines.append(
                 f"cvgen: trace {traces[-1]} (open in chrome://tracing or https://ui.perfetto.dev; "
                 f"TensorBoard: tensorboard --logdir {traces[-1].parent.parent})"
+            )
+        else:
+            lines.append(
+                f"cvgen: no trace written: the profiler needs {self.window} training steps "
+                "(wait + warmup + active); raise trainer.max_steps"
             )
         self.report = "\n".join(lines)
         return self.report
