@@ -22,12 +22,15 @@ TRAIN_PACKAGES = frozenset(
 )
 # ... and `pip install "cvgen[monitor]"` (Evidently and what it imports; OpenCV for faces)
 MONITOR_PACKAGES = frozenset({"evidently", "pandas", "scipy", "plotly", "cv2"})
+# ... and `pip install "cvgen[tune]"` (training plus Optuna and its storage)
+TUNE_PACKAGES = TRAIN_PACKAGES | {"optuna", "sqlalchemy", "alembic", "colorlog"}
 # extra -> (its import names, what the error calls it); commands not listed need `train`
 EXTRAS = {
     "train": (TRAIN_PACKAGES, "the training dependencies"),
     "monitor": (MONITOR_PACKAGES, "the monitoring dependencies"),
+    "tune": (TUNE_PACKAGES, "the tuning dependencies"),
 }
-COMMAND_EXTRA = {"monitor": "monitor"}
+COMMAND_EXTRA = {"monitor": "monitor", "tune": "tune"}
 # command -> module with add_parser(subparsers) that sets `func` on its parser
 TOOLS = {
     "init": "cvgen.commands.init",
@@ -36,6 +39,7 @@ TOOLS = {
     "serve": "cvgen.serve.cli",
     "generate": "cvgen.serve.generate",
     "monitor": "cvgen.commands.monitor",
+    "tune": "cvgen.commands.tune",
     "promote": "cvgen.commands.promote",
 }
 
@@ -46,6 +50,7 @@ Training (LightningCLI; `cvgen fit --help` for every option):
   validate   validation loss/samples: cvgen validate --config ... --ckpt_path last
   test       loss on the held-out set
   predict    img2img on the held-out photos
+  tune       hyperparameter search:   cvgen tune --config C --sweep configs/sweep.yaml --trials N
 
 Tools:
   init       a working folder:        cvgen init DIR   (the shipped configs in DIR/configs/)

@@ -12,7 +12,7 @@ import netrc
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from cvgen.training.callbacks import (
 )
 from cvgen.training.ema import EMA
 from cvgen.training.module import LoRADiffusion
+from cvgen.training.profiler import expand_profile_flag
 
 BASE_KEY = "base_config"
 CONFIG_FLAGS = ("--config", "-c")
@@ -193,6 +194,19 @@ def refuse_optimizer_args(args: Sequence[str]) -> None:
                     raise refused(f"{path}:{_key_line(path, name)}: {name}")
 
 
+def sweep_run_dir(cfg: Any) -> str | None:
+    """Under ``wandb agent`` (``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set), the run's own
+    folder, ``<default_root_dir>/sweep-<sweep id>/<run id>``: the runs of a sweep (several
+    agents on one machine included) never write over each other. None otherwise."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not sweep or not run:
+        return None
+    root = cfg["trainer"].get("default_root_dir") or os.getcwd()
+    if Path(root).parts[-2:] == (f"sweep-{sweep}", run):
+        return None  # already there
+    return str(Path(root) / f"sweep-{sweep}" / run)
+
+
 class CVGenCLI(LightningCLI):
     """cvgen's LightningCLI: the model and data classes, cvgen's callbacks as config sections
     (``checkpoint``, ``ema``, ``export``, ``samples``, ``predictions``, ``stats``), config
@@ -208,9 +222,13 @@ class CVGenCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
             return
-        given = expand_configs(sys.argv[1:] if args is None else args)
+        given = expand_profile_flag(expand_configs(sys.argv[1:] if args is None else args))
         refuse_optimizer_args(given)
         self.config = parser.parse_args(given)
+        sub = self.config.get("subcommand")
+        run_dir = sweep_run_dir(self.config[sub] if sub else self.config)
+        if run_dir is not None:  # again, so the outputs linked to the root follow it
+            self.config = parser.parse_args([*given, f"--trainer.default_root_dir={run_dir}"])
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # read by expand_configs before parsing; accepted here so the file parses, and
@@ -266,12 +284,18 @@ class CVGenCLI(LightningCLI):
                 logger.experiment.finish()  # type: ignore[attr-defined]
 
 
-def run_cli(args: list[str] | None = None) -> CVGenCLI:
+def run_cli(
+    args: list[str] | None = None,
+    cli_class: Callable[..., CVGenCLI] = CVGenCLI,
+    **cli_kwargs: Any,
+) -> CVGenCLI:
+    """``cvgen fit|validate|test|predict`` with ``args`` (default: ``sys.argv``); ``cli_class``
+    and ``cli_kwargs`` (such as ``trainer_defaults``) let a caller extend it (``cvgen tune``)."""
     # the frozen VAE / text encoder are in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*anonymous setting has no effect.*")
-    return CVGenCLI(
+    return cli_class(
         LoRADiffusion,
         PortraitDataModule,
         save_config_callback=LoggedSaveConfig,
@@ -279,4 +303,5 @@ def run_cli(args: list[str] | None = None) -> CVGenCLI:
         seed_everything_default=0,
         parser_kwargs={"default_env": False},
         args=args,
+        **cli_kwargs,
     )
