@@ -58,7 +58,7 @@ def add_parser(sub: Any) -> None:
         "serve",
         help="serve img2img over HTTP (LitServe)",
         description="Serve portraits over HTTP: POST /predict, GET /looks, GET /loras, "
-        "GET /health, GET /metrics. "
+        "GET /info, POST /admin/reload, GET /health, GET /metrics. "
         "Flags override the config file. The API key comes from the environment variable named "
         "by api_key_env (default CVGEN_API_KEY).",
     )

@@ -33,7 +33,7 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 FILL_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 # paths with their own label; anything else is "other" (no unbounded label values)
-KNOWN_PATHS = ("/predict", "/health", "/metrics", "/info", "/looks", "/loras", "/")
+KNOWN_PATHS = ("/predict", "/health", "/metrics", "/info", "/looks", "/loras", "/admin/reload", "/")
 NO_LORA = "none"  # the lora label of images made without a LoRA
 
 
