@@ -82,6 +82,35 @@ def test_a_lost_gpu_drops_its_series_not_the_scrape() -> None:
 # --- dead workers ---------------------------------------------------------------------------
 
 
+def test_the_litserve_internals_the_worker_watch_relies_on() -> None:
+    """cvgen.serve.workers and .server use these LitServe 0.2 internals: a new LitServe that
+    changes them fails here with a name, not with hanging requests."""
+    import inspect
+
+    import litserve as ls
+    from litserve.loops.base import LitLoop
+
+    from cvgen.serve.server import CVGenServer
+
+    for name in (
+        "_init_manager",
+        "_start_worker_monitoring",
+        "_perform_graceful_shutdown",
+        "launch_single_inference_worker",
+        "lifespan",
+        "_inference_workers_config_for_api",
+    ):
+        assert callable(getattr(ls.LitServer, name)), name
+        ours = getattr(CVGenServer, name)
+        if name in CVGenServer.__dict__ and name != "_perform_graceful_shutdown":
+            assert list(inspect.signature(ours).parameters) == list(
+                inspect.signature(getattr(ls.LitServer, name)).parameters
+            ), name
+    # workers say which request they took only with restart_workers (LitAPIStatus.START)
+    assert "self._restart_workers" in inspect.getsource(LitLoop.put_response)
+    assert {"event", "worker_id", "response"} <= set(ResponseBufferItem.__dataclass_fields__)
+
+
 def _buffer(**workers: int | None) -> dict[str, ResponseBufferItem]:
     """LitServe's response buffer with one waiting request per key, taken by that worker."""
     out = {}

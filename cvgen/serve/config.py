@@ -103,7 +103,7 @@ class ServeConfig(BaseModel):
     warmup: bool = True
     # --- operations: workers, monitoring, reload (cvgen.serve.workers, .monitoring, .info) ---
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    devices: int | Literal["auto"] = Field(1)
+    devices: int | str = 1  # a count, or "auto" (checked below)
     workers_per_device: int = Field(1, ge=1)
     restart_workers: bool = True
     feature_log: str | None = None  # configs/serve.yaml turns it on
@@ -144,6 +144,14 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"{name} needs a LoRA file, folder or wandb:// reference")
         return loras
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        ok = value == "auto" or (type(value) is int and value >= 1)
+        if not ok:
+            raise ValueError(f"must be a number of devices >= 1 or auto, got {value!r}")
+        return value
+
     @field_validator("url_allowlist")
     @classmethod
     def _networks(cls, nets: list[str]) -> list[str]:
@@ -176,8 +184,12 @@ class ServeConfig(BaseModel):
                 ("default_lora", "loras"),
                 f"must be one of the names under loras ({known}), got {self.default_lora!r}",
             )
-        if isinstance(self.devices, int) and self.devices < 1:
-            raise SettingError(("devices",), f"must be >= 1 or auto, got {self.devices}")
+        if self.litserve_accelerator == "cpu" and self.devices not in (1, "auto"):
+            raise SettingError(
+                ("devices", "accelerator"),
+                f"must be 1 on CPU (one device; more processes: workers_per_device), got "
+                f"{self.devices}",
+            )
         if self.drift_min_samples > self.drift_window:
             raise SettingError(
                 ("drift_min_samples", "drift_window"),

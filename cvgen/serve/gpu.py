@@ -39,11 +39,15 @@ class NvmlCollector:
     ``cvgen_gpu_memory_used_bytes`` and ``cvgen_gpu_temperature_celsius`` per GPU."""
 
     def __init__(self, module: Any = None) -> None:
-        self.nvml, self.handles = load_nvml(module)
+        self.module = module
+        self.nvml: Any = None
+        self.handles: list[Any] | None = None  # NVML starts at the first scrape (see below)
         self._failed: set[int] = set()
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        return iter(self._families() if self.handles else [])
+        # nothing at registration: NVML is initialised in the process that scrapes (the API
+        # server, a fork of the process that builds the server), not before the fork
+        return iter([])
 
     @staticmethod
     def _families() -> list[GaugeMetricFamily]:
@@ -53,6 +57,8 @@ class NvmlCollector:
         ]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.handles is None:
+            self.nvml, self.handles = load_nvml(self.module)
         if not self.handles:
             return
         util, used, temp = self._families()
