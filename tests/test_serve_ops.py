@@ -311,3 +311,37 @@ def test_a_reload_that_workers_never_answer_times_out(
     with pytest.raises(ReloadError) as e:
         asyncio.run(reloader.reload())
     assert e.value.status == 504 and "timed out after 0.3 s (reload_timeout)" in e.value.detail
+
+
+# --- drift features off the request's path ---------------------------------------------------
+
+
+def test_photos_beyond_what_may_wait_are_skipped_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from cvgen.serve import drift
+
+    gate = threading.Event()
+    measured: list[tuple[int, int]] = []
+
+    def slow_features(photo: Image.Image, detector: Any) -> dict[str, float]:
+        gate.wait(10)
+        measured.append(photo.size)
+        return {"brightness": 0.5}
+
+    monkeypatch.setattr(drift, "photo_features", slow_features)
+    monkeypatch.setattr(drift, "MAX_PENDING_PIXELS", 3 * 100 * 100)
+    registry = CollectorRegistry()
+    log = tmp_path / "f.jsonl"
+    monitor = drift.PhotoMonitor(ServeConfig(feature_log=str(log)), registry)
+    small = Image.new("RGB", (100, 100))
+    assert [monitor.submit(small) for _ in range(4)] == [True, True, True, False]  # pixels
+    gate.set()
+    monitor.drain()
+    assert len(measured) == 3 and len(log.read_text().splitlines()) == 3
+    text = generate_latest(registry).decode()
+    assert 'cvgen_drift_photos_total{outcome="skipped"} 1.0' in text
+    assert 'cvgen_drift_photos_total{outcome="measured"} 3.0' in text
+    monitor.close()

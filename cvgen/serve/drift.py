@@ -12,9 +12,10 @@ on a thread of its own, off the request's path, and
 The features use their own face detector (:func:`cvgen.monitor.features.feature_detector`,
 faster settings than the framing's), because the reference profile was measured with it: the
 framing's detection cannot be reused without changing what ``face_count`` means. One photo
-costs a few tens of milliseconds of one core; at most :data:`MAX_PENDING` photos wait, and any
-beyond are skipped and counted (``cvgen_drift_photos_total{outcome="skipped"}``) rather than
-queue without bound behind a burst.
+costs a few tens of milliseconds of one core; at most :data:`MAX_PENDING` photos, and
+:data:`MAX_PENDING_PIXELS` pixels of them (decoded photos are large), wait; any beyond are
+skipped and counted (``cvgen_drift_photos_total{outcome="skipped"}``) rather than queue without
+bound behind a burst.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cvgen.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 32
+MAX_PENDING_PIXELS = 50_000_000  # about 150 MB of RGB photos waiting, at most
 FEATURE_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5)
 
 
@@ -95,15 +97,21 @@ class PhotoMonitor:
         )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cvgen-drift")
         self._pending = 0
+        self._pending_pixels = 0
         self._lock = threading.Lock()
 
     def submit(self, photo: Image.Image) -> bool:
         """Measure ``photo`` (decoded, as sent) soon; False if skipped (too many waiting)."""
+        pixels = photo.width * photo.height
         with self._lock:
-            if self._pending >= MAX_PENDING:
+            busy = self._pending >= MAX_PENDING or (
+                self._pending and self._pending_pixels + pixels > MAX_PENDING_PIXELS
+            )
+            if busy:
                 self.photos.labels("skipped").inc()
                 return False
             self._pending += 1
+            self._pending_pixels += pixels
         self._pool.submit(self._measure, photo)
         return True
 
@@ -123,6 +131,7 @@ class PhotoMonitor:
         finally:
             with self._lock:
                 self._pending -= 1
+                self._pending_pixels -= photo.width * photo.height
 
     def drain(self, timeout: float = 10.0) -> None:
         """Wait until the photos submitted so far are measured (tests, shutdown)."""
