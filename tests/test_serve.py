@@ -338,10 +338,10 @@ def test_metrics_count_requests_batches_and_memory(client: TestClient) -> None:
     assert after[detects] == before[detects] + 1
     key = 'cvgen_http_request_duration_seconds_count{path="/predict"}'
     assert after[key] == before[key] + 2
-    assert after["cvgen_worker_resident_memory_bytes"] > 10_000_000
+    assert after['cvgen_worker_resident_memory_bytes{worker="0"}'] > 10_000_000
     assert after["process_resident_memory_bytes"] > 10_000_000
     assert after["cvgen_http_requests_in_flight"] == 1  # the scrape itself
-    assert "cvgen_gpu_memory_allocated_bytes" in after
+    assert after['cvgen_gpu_memory_allocated_bytes{worker="0"}'] == 0  # on CPU
 
 
 def test_one_log_line_per_request_without_secrets(

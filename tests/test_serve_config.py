@@ -46,6 +46,13 @@ from cvgen.serve.config import ServeConfig, load_config
             "default_steps x default_strength must be",
         ),
         ("port: [1\n", 2, "not valid YAML"),
+        ("devices: 0\n", 1, "devices must be a number of devices >= 1 or auto, got 0"),
+        ("devices: all\n", 1, "devices must be a number of devices >= 1 or auto, got 'all'"),
+        ("workers_per_device: 0\n", 1, "workers_per_device must be >= 1, got 0"),
+        ("accelerator: tpu\n", 1, "accelerator must be 'auto', 'cpu', 'cuda' or 'mps'"),
+        ("device: cpu\ndevices: 2\n", 2, "devices must be 1 on CPU (one device; more processes"),
+        ("device: cuda:1\ndevices: 2\n", 2, "devices must be 1 when device names one GPU"),
+        ("drift_window: 10\ndrift_min_samples: 20\n", 2, "drift_min_samples must be <="),
     ],
 )
 def test_config_errors_name_file_line_and_key(
@@ -183,3 +190,23 @@ def test_hub_id_with_the_hub_unreachable(hub: Any, monkeypatch: pytest.MonkeyPat
     with pytest.raises(CVGenError) as e:
         check_base("models/tny")
     assert "not a hub model in the Hugging Face cache, and the hub is unreachable" in str(e.value)
+
+
+def test_worker_settings_come_from_file_and_flags(tmp_path: Path) -> None:
+    from cvgen.serve.server import build_server
+
+    p = tmp_path / "serve.yaml"
+    p.write_text("device: cpu\nworkers_per_device: 3\n")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    from cvgen.serve.cli import add_parser
+
+    add_parser(sub)
+    args = parser.parse_args(["serve", "--config", str(p), "--workers_per_device", "2"])
+    cfg = config_from_args(args)
+    assert (cfg.workers_per_device, cfg.devices, cfg.litserve_accelerator) == (2, 1, "cpu")
+    assert parser.parse_args(["serve", "--devices", "auto"]).devices == "auto"
+    assert parser.parse_args(["serve", "--devices", "2"]).devices == 2
+    server = build_server(cfg)  # what LitServer was given
+    assert (server.workers_per_device, server.devices) == (2, ["cpu"])
+    assert len(server._inference_workers_config_for_api("/predict")) == 2

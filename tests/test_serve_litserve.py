@@ -61,7 +61,12 @@ def test_the_route_we_replace_is_the_one_litserve_registers() -> None:
         for r in server.app.routes
         if isinstance(r, APIRoute)
     }
-    added = {("/metrics", ("GET",)), ("/looks", ("GET",)), ("/loras", ("GET",))}
+    added = {
+        ("/metrics", ("GET",)),
+        ("/looks", ("GET",)),
+        ("/loras", ("GET",)),
+        ("/admin/reload", ("POST",)),
+    }
     # the web page replaces LitServe's "litserve running" at / (cvgen/serve/page.py)
     page = {("/", ("GET", "HEAD")), ("/docs", ("GET",)), ("/openapi.json", ("GET",))}
     assert ours_paths - paths == added | page

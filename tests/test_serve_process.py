@@ -127,7 +127,7 @@ def test_serve_process_health_request_and_clean_sigterm(
         assert what in text, what
     ready = (
         f"cvgen: serving {tiny_model} on http://127.0.0.1:{port} "
-        "(POST /predict; /looks, /loras, /health, /metrics)"
+        "(page /, POST /predict; /looks, /loras, /info, /health, /metrics, /docs)"
     )
     assert text.count(ready) == 1, text[-3000:]
 

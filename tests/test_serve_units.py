@@ -313,3 +313,22 @@ def test_wandb_lora_errors_are_user_errors(tmp_path: Path) -> None:
         resolve_lora("wandb://me/cvgen/missing:latest", tmp_path, api=FakeApi("v1"))
     with pytest.raises(CVGenError, match="no such LoRA"):
         resolve_lora(str(tmp_path / "nope.safetensors"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("/predict", "/predict"),
+        ("/", "/"),
+        ("/docs", "/docs"),
+        ("/static/page.js", "/static"),
+        ("/static/a/b.css", "/static"),
+        ("/wp-admin/setup.php", "other"),
+    ],
+)
+def test_metrics_path_labels_are_bounded(path: str, label: str) -> None:
+    """Request metrics label known routes by name, the page's files as one label and anything
+    else as "other": a scanner's paths cannot grow the label set."""
+    from cvgen.serve.metrics import ServeMetrics
+
+    assert ServeMetrics.path_label(path) == label

@@ -45,22 +45,51 @@ HTTP_REQUEST_DURATION = Metric(
 )
 HTTP_IN_FLIGHT = Metric("cvgen_http_requests_in_flight", "gauge", (), "HTTP requests being handled")
 QUEUE_DEPTH = Metric("cvgen_queue_depth", "gauge", (), "requests waiting for the inference worker")
-# inference worker
-BATCH_SIZE = Metric("cvgen_batch_size", "histogram", (), "images per pipeline call")
+# inference worker(s): by LoRA name (a batch never mixes LoRAs), by worker id
+BATCH_SIZE = Metric("cvgen_batch_size", "histogram", ("lora",), "images per pipeline call")
 BATCH_FILL_RATIO = Metric(
-    "cvgen_batch_fill_ratio", "histogram", (), "batch size / max_batch_size of each pipeline call"
+    "cvgen_batch_fill_ratio",
+    "histogram",
+    ("lora",),
+    "batch size / max_batch_size of each pipeline call",
 )
 PREDICT_SECONDS = Metric(
-    "cvgen_predict_seconds", "histogram", (), "wall time of one pipeline call (a batch)"
+    "cvgen_predict_seconds", "histogram", ("lora",), "wall time of one pipeline call (a batch)"
 )
-IMAGES = Metric("cvgen_images_total", "counter", (), "images generated")
-WORKER_UP = Metric("cvgen_worker_up", "gauge", (), "1 while the inference worker answers, else 0")
+IMAGES = Metric("cvgen_images_total", "counter", ("lora", "keep_face"), "images generated")
+STAGE_SECONDS = Metric(
+    "cvgen_stage_seconds", "histogram", ("stage",), "seconds per image of detect, mask, composite"
+)
+WORKER_UP = Metric(
+    "cvgen_worker_up", "gauge", ("worker",), "1 while the inference worker is loaded, else 0"
+)
+WORKER_RESTARTS = Metric(
+    "cvgen_worker_restarts_total", "counter", (), "inference workers that died and were restarted"
+)
 WORKER_MEMORY = Metric(
-    "cvgen_worker_resident_memory_bytes", "gauge", (), "resident memory of the inference worker"
+    "cvgen_worker_resident_memory_bytes",
+    "gauge",
+    ("worker",),
+    "resident memory of the inference worker",
+)
+WORKER_CPU = Metric(
+    "cvgen_worker_cpu_seconds_total",
+    "counter",
+    ("worker",),
+    "CPU seconds the inference worker has used (at its last batch)",
+)
+MODEL_INFO = Metric(
+    "cvgen_model_info",
+    "gauge",
+    ("base", "lora", "ref", "version", "sha256"),
+    "1 per served LoRA: its reference, the version it resolved to, its weights' sha256",
 )
 # GPU
 GPU_MEMORY_ALLOCATED = Metric(
-    "cvgen_gpu_memory_allocated_bytes", "gauge", (), "CUDA memory allocated by the worker"
+    "cvgen_gpu_memory_allocated_bytes",
+    "gauge",
+    ("worker",),
+    "CUDA memory allocated by the worker",
 )
 GPU_UTILIZATION = Metric(
     "cvgen_gpu_utilization_ratio", "gauge", ("gpu",), "GPU busy share, 0 to 1 (NVML)"
@@ -76,6 +105,15 @@ DRIFT_SCORE = Metric(
     ("feature",),
     "KS statistic of the last requests' feature vs the training photos (0 same, 1 disjoint; "
     "NaN until enough requests)",
+)
+DRIFT_PHOTOS = Metric(
+    "cvgen_drift_photos_total",
+    "counter",
+    ("outcome",),
+    "photos whose drift features were measured, skipped (busy), failed, or not logged",
+)
+DRIFT_FEATURE_SECONDS = Metric(
+    "cvgen_drift_feature_seconds", "histogram", (), "seconds to compute one photo's features"
 )
 # prometheus_client's process collector (the API-server process)
 PROCESS_METRICS = tuple(
@@ -99,13 +137,19 @@ SERVER_METRICS: tuple[Metric, ...] = (
     BATCH_FILL_RATIO,
     PREDICT_SECONDS,
     IMAGES,
+    STAGE_SECONDS,
     WORKER_UP,
+    WORKER_RESTARTS,
     WORKER_MEMORY,
+    WORKER_CPU,
+    MODEL_INFO,
     GPU_MEMORY_ALLOCATED,
     GPU_UTILIZATION,
     GPU_MEMORY_USED,
     GPU_TEMPERATURE,
     DRIFT_SCORE,
+    DRIFT_PHOTOS,
+    DRIFT_FEATURE_SECONDS,
     *PROCESS_METRICS,
 )
 # series Prometheus itself adds to every scrape target

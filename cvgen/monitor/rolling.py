@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+from prometheus_client.metrics_core import Metric
 
 from cvgen.monitor.features import FEATURE_NAMES
 from cvgen.monitor.metric_names import DRIFT_SCORE
@@ -127,12 +128,12 @@ class DriftCollector:
         self.rolling = rolling
         self.name = name
 
-    def describe(self) -> Iterator[object]:
+    def describe(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
         yield GaugeMetricFamily(self.name, DRIFT_SCORE.help, labels=["feature"])
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
         g = GaugeMetricFamily(self.name, DRIFT_SCORE.help, labels=["feature"])

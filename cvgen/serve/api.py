@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 import litserve as ls
 from fastapi import HTTPException, Request
 
 from cvgen.serve.config import ServeConfig
-from cvgen.serve.engine import Img2ImgEngine
+from cvgen.serve.engine import Img2ImgEngine, worker_id
 from cvgen.serve.logs import configure_logging
 from cvgen.serve.schema import GenRequest, GenResult
 
@@ -37,6 +38,8 @@ class Img2ImgAPI(ls.LitAPI):
         self.cfg = cfg
         self._api_key = api_key
         self.engine: Img2ImgEngine | None = None
+        # the dict shared with the API server (cvgen.serve.workers; set before workers start)
+        self.shared: Any = None
 
     def __repr__(self) -> str:  # never show the key
         return f"Img2ImgAPI(base={self.cfg.base!r}, loras={self.cfg.lora_map!r})"
@@ -67,17 +70,34 @@ class Img2ImgAPI(ls.LitAPI):
 
     # --- inference worker (a process LitServe spawns: it sets up its own logging) ---
     def setup(self, device: str) -> None:
-        """Load the pipeline on ``device`` (the config's device wins unless it is auto)."""
+        """Load the pipeline on ``device`` (the config's device wins unless it is auto): the
+        LoRAs of the latest reload if there was one (:mod:`cvgen.serve.reload`), then watch
+        for reloads."""
+        from cvgen.serve.reload import ACK, ReloadWatch, target_cfg
+
         configure_logging(self.cfg.log_level)
         chosen = device if self.cfg.device == "auto" and device else self.cfg.device
-        self.engine = Img2ImgEngine.load(self.cfg, chosen)
+        cfg, generation = target_cfg(self.cfg, self.shared)
+        self.engine = Img2ImgEngine.load(cfg, chosen)
+        if self.shared is None:
+            return
+        worker = worker_id()
+        if generation:
+            self.shared[f"{ACK}{worker}"] = [generation, ""]
+
+        def swap(engine: Img2ImgEngine) -> None:
+            self.engine = engine  # one reference assignment: a batch keeps the engine it began with
+
+        load = lambda c: Img2ImgEngine.load(c, chosen)  # noqa: E731
+        ReloadWatch(self.shared, worker, cfg, generation, load, swap).start()
 
     def predict(  # type: ignore[override]
         self, x: GenRequest | list[GenRequest]
     ) -> GenResult | list[GenResult]:
         """A list of requests (max_batch_size > 1) or one request (LitServe then batches none)."""
-        assert self.engine is not None, "setup() has not run"
+        engine = self.engine  # a reload swaps it between batches, never during one
+        assert engine is not None, "setup() has not run"
         if isinstance(x, GenRequest):
-            return self.engine.generate([x])[0]
+            return engine.generate([x])[0]
         log.debug("batch of %d: %s", len(x), " ".join(r.request_id for r in x))
-        return self.engine.generate(x)
+        return engine.generate(x)

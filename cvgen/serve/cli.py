@@ -13,21 +13,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from cvgen.serve.config import ServeConfig, load_config
 from cvgen.serve.logs import configure_logging
 
+if TYPE_CHECKING:
+    from cvgen.serve.wandb_lora import LoraSource
+
 CHILD_ENV = "CVGEN_SERVE_CHILD_CONFIG"
-MAIN_FLAGS = ("base", "lora", "host", "port", "max_batch_size", "batch_timeout", "device", "dtype")
+CHILD_SOURCES_ENV = "CVGEN_SERVE_CHILD_LORAS"
+MAIN_FLAGS = (
+    "base",
+    "lora",
+    "host",
+    "port",
+    "max_batch_size",
+    "batch_timeout",
+    "device",
+    "dtype",
+    "accelerator",
+    "devices",
+    "workers_per_device",
+)
+
+
+def _devices(value: str) -> int | str:
+    """``--devices``: a count, or auto (the config check names anything else)."""
+    return int(value) if value.strip().isdigit() else value
 
 
 def add_parser(sub: Any) -> None:
@@ -35,8 +57,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="serve img2img over HTTP (LitServe)",
-        description="Serve portraits over HTTP: POST /predict, GET /looks, GET /loras, "
-        "GET /health, GET /metrics. "
+        description="Serve portraits over HTTP: the web page at /, POST /predict, GET /looks, "
+        "GET /loras, GET /info, POST /admin/reload, GET /health, GET /metrics, /docs. "
         "Flags override the config file. The API key comes from the environment variable named "
         "by api_key_env (default CVGEN_API_KEY).",
     )
@@ -53,6 +75,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch_timeout", type=float, help="seconds to wait to fill a batch")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    p.add_argument("--accelerator", help="auto, cpu, cuda, mps (LitServe's accelerator)")
+    p.add_argument(
+        "--devices", type=_devices, help="GPUs to serve on (a set of workers each), or auto: all"
+    )
+    p.add_argument(
+        "--workers_per_device", type=int, help="inference processes per device (model copies)"
+    )
     p.set_defaults(func=run)
 
 
@@ -71,14 +100,16 @@ def run(args: argparse.Namespace) -> int:
     """Check the base model, resolve the LoRA, then supervise the server child until it exits
     or a signal comes."""
     from cvgen.pipeline import check_base
+    from cvgen.serve.drift import load_reference
     from cvgen.serve.looks import load_looks
-    from cvgen.serve.wandb_lora import resolve_loras
+    from cvgen.serve.wandb_lora import resolve_sources
 
     cfg = config_from_args(args)
     check_base(cfg.base)  # fail here with the reason, not in a worker that LitServe hides
     load_looks(cfg)  # a mistake in the looks file: one line naming file and line
-    cfg = resolve_loras(cfg)  # a LoRA for another base: one line, before the child
-    return supervise(cfg)
+    load_reference(cfg)  # a missing or broken drift reference: one line
+    sources = resolve_sources(cfg)  # a LoRA for another base: one line, before the child
+    return supervise(cfg, sources)
 
 
 def serving_line(cfg: ServeConfig) -> str:
@@ -93,7 +124,7 @@ def serving_line(cfg: ServeConfig) -> str:
         model = cfg.base
     return (
         f"cvgen: serving {model} on http://{host}:{cfg.port} "
-        "(POST /predict; /looks, /loras, /health, /metrics)"
+        "(page /, POST /predict; /looks, /loras, /info, /health, /metrics, /docs)"
     )
 
 
@@ -109,9 +140,20 @@ def _healthy(client: httpx.Client, url: str) -> bool:
         return False
 
 
-def supervise(cfg: ServeConfig) -> int:
-    """Run the server in a child process group; forward SIGTERM/SIGINT; reap the group."""
-    env = {**os.environ, CHILD_ENV: cfg.to_json()}
+def supervise(cfg: ServeConfig, sources: dict[str, LoraSource] | None = None) -> int:
+    """Run the server in a child process group; forward SIGTERM/SIGINT; reap the group.
+
+    ``cfg`` is the config as given; ``sources`` what its LoRAs resolved to (the child serves
+    those paths, and resolves ``cfg``'s references again on ``POST /admin/reload``)."""
+    from cvgen.serve.wandb_lora import resolve_sources
+
+    if sources is None:
+        sources = resolve_sources(cfg)
+    env = {
+        **os.environ,
+        CHILD_ENV: cfg.to_json(),
+        CHILD_SOURCES_ENV: json.dumps({k: v.to_dict() for k, v in sources.items()}),
+    }
     child = subprocess.Popen(
         [sys.executable, "-c", "from cvgen.serve.cli import child_main; child_main()"],
         env=env,
@@ -156,7 +198,14 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def child_main() -> None:
     """The server process (started by :func:`supervise`): SIGTERM -> graceful shutdown."""
-    cfg = ServeConfig.from_json(os.environ.pop(CHILD_ENV))
+    from cvgen.serve.wandb_lora import LoraSource, with_sources
+
+    source_cfg = ServeConfig.from_json(os.environ.pop(CHILD_ENV))
+    sources = {
+        k: LoraSource.from_dict(v)
+        for k, v in json.loads(os.environ.pop(CHILD_SOURCES_ENV, "{}")).items()
+    }
+    cfg = with_sources(source_cfg, sources)
     configure_logging(cfg.log_level)
 
     main_pid = os.getpid()
@@ -172,7 +221,7 @@ def child_main() -> None:
     signal.signal(signal.SIGINT, graceful)
     from cvgen.serve.server import build_server
 
-    server = build_server(cfg, api_key=cfg.api_key())
+    server = build_server(cfg, api_key=cfg.api_key(), source_cfg=source_cfg, sources=sources)
     server.run(
         host=cfg.host,
         port=cfg.port,
@@ -181,3 +230,5 @@ def child_main() -> None:
         generate_client_file=False,
         access_log=False,  # cvgen.serve.access logs one JSON line per request instead
     )
+    if server.exit_code:  # a worker could not be kept alive (cvgen.serve.workers)
+        sys.exit(server.exit_code)

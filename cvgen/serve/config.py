@@ -102,6 +102,17 @@ class ServeConfig(BaseModel):
     # speed
     levers: SpeedLevers = Field(default_factory=SpeedLevers)
     warmup: bool = True
+    # --- operations: workers, monitoring, reload (cvgen.serve.workers, .monitoring, .info) ---
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    devices: int | str = 1  # a count, or "auto" (checked below)
+    workers_per_device: int = Field(1, ge=1)
+    restart_workers: bool = True
+    feature_log: str | None = None  # configs/serve.yaml turns it on
+    feature_log_max_bytes: int = Field(16 * 2**20, ge=1024)
+    drift_reference: str | None = None
+    drift_window: int = Field(500, ge=1)
+    drift_min_samples: int = Field(50, ge=1)
+    reload_timeout: float = Field(600.0, gt=0)
 
     @field_validator("scheduler")
     @classmethod
@@ -134,6 +145,14 @@ class ServeConfig(BaseModel):
                 raise ValueError(f"{name} needs a LoRA file, folder or wandb:// reference")
         return loras
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        ok = value == "auto" or (type(value) is int and value >= 1)
+        if not ok:
+            raise ValueError(f"must be a number of devices >= 1 or auto, got {value!r}")
+        return value
+
     @field_validator("url_allowlist")
     @classmethod
     def _networks(cls, nets: list[str]) -> list[str]:
@@ -165,6 +184,23 @@ class ServeConfig(BaseModel):
             raise SettingError(
                 ("default_lora", "loras"),
                 f"must be one of the names under loras ({known}), got {self.default_lora!r}",
+            )
+        if self.litserve_accelerator == "cpu" and self.devices not in (1, "auto"):
+            raise SettingError(
+                ("devices", "accelerator"),
+                f"must be 1 on CPU (one device; more processes: workers_per_device), got "
+                f"{self.devices}",
+            )
+        if self.drift_min_samples > self.drift_window:
+            raise SettingError(
+                ("drift_min_samples", "drift_window"),
+                f"must be <= drift_window ({self.drift_window}), got {self.drift_min_samples}",
+            )
+        if self.device.startswith("cuda:") and self.devices != 1:
+            raise SettingError(
+                ("devices", "device"),
+                f"must be 1 when device names one GPU ({self.device}); use device: auto to serve "
+                f"on several, got {self.devices!r}",
             )
         if int(self.default_steps * self.default_strength) < 1:  # img2img's own step count
             raise SettingError(
@@ -221,6 +257,20 @@ class ServeConfig(BaseModel):
     def framed_size(self, framing: str) -> tuple[int, int]:
         """(width, height) of an image at ``framing``: the longer side is :attr:`image_size`."""
         return framed_size(self.image_size, framing, self.scale_factor)
+
+    @property
+    def litserve_accelerator(self) -> str:
+        """LitServe's ``accelerator``: ``accelerator``, else what ``device`` implies."""
+        if self.accelerator != "auto":
+            return self.accelerator
+        if self.device == "cpu" or self.device == "mps":
+            return self.device
+        return "cuda" if self.device.startswith("cuda") else "auto"
+
+    @property
+    def features_wanted(self) -> bool:
+        """Whether the server computes each photo's drift features (for the log or the score)."""
+        return self.feature_log is not None or self.drift_reference is not None
 
     def api_key(self) -> str | None:
         """The API key from the environment (None: auth disabled)."""

@@ -169,9 +169,18 @@ class Img2ImgEngine:
             images, stages = self._run_group(group)
             seconds = time.perf_counter() - t0
             memory = self.memory()
+            cpu = time.process_time()
             for pos, (i, img, timings) in enumerate(zip(idx, images, stages, strict=True)):
                 results[i] = GenResult(
-                    img, requests[i].params, len(idx), pos, seconds, memory, timings
+                    img,
+                    requests[i].params,
+                    len(idx),
+                    pos,
+                    seconds,
+                    memory,
+                    timings,
+                    worker=worker_id(),
+                    cpu_seconds=cpu,
                 )
         return [r for r in results if r is not None]
 
@@ -181,6 +190,12 @@ class Img2ImgEngine:
         if self.device.startswith("cuda") and torch.cuda.is_available():
             out["gpu_bytes"] = int(torch.cuda.memory_allocated())
         return out
+
+
+def worker_id() -> int:
+    """LitServe's id of this inference worker (0 in a process LitServe did not start)."""
+    value = os.environ.get("LITSERVE_WORKER_ID", "")
+    return int(value) if value.isdigit() else 0
 
 
 def process_rss_bytes() -> int:

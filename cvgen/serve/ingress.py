@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from typing import Any
 
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -66,6 +68,8 @@ class Ingress:
         self.looks = load_looks(cfg) if looks is None else looks
         self.allowlist = parse_networks(cfg.url_allowlist)
         self.detector = face_detector()  # cvgen data prepare's: serving frames as training did
+        # called with every photo that decodes (drift monitoring: cvgen.serve.drift)
+        self.on_photo: Callable[[Image.Image], object] | None = None
 
     async def _read_form(self, request: Request) -> tuple[dict[str, Any], bytes | None, bool]:
         try:
@@ -161,6 +165,8 @@ class Ingress:
     def _frame(self, data: bytes, source: str, params: GenParams, request_id: str) -> GenRequest:
         """Decode, detect the face and frame (a worker thread: detection takes CPU time)."""
         photo = decode_photo(data, source, self.cfg.max_pixels)
+        if self.on_photo is not None:
+            self.on_photo(photo)
         framed, detect_s = frame_request_photo(photo, source, params, self.cfg, self.detector)
         return GenRequest.framed(
             framed, params, request_id=request_id, timings={"detect": detect_s}

@@ -421,3 +421,5 @@ class GenResult:
     predict_seconds: float  # wall time of that pipeline call
     memory: dict[str, int] = field(default_factory=dict)  # worker memory after the call
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage in the worker
+    worker: int = 0  # the inference worker that made it (LitServe's worker id)
+    cpu_seconds: float = 0.0  # CPU time the worker process has used so far
