@@ -2,7 +2,7 @@
 ``cvgen generate``.
 
 Framing is the training data's: ``cvgen data prepare``'s face detector
-(:class:`cvgen.data.faces.FaceDetector`) finds the face and :func:`cvgen.data.faces.
+(:class:`cvgen.faces.FaceDetector`) finds the face and :func:`cvgen.faces.
 head_and_shoulders` frames head and shoulders around the largest one, at the aspect of a
 :data:`FRAMINGS` entry, with the face taking ``face_fraction`` of the frame's height.
 
@@ -28,7 +28,7 @@ from typing import Literal, get_args
 import numpy as np
 from PIL import Image
 
-from cvgen.data.faces import Box, FaceDetector, crop_to, head_and_shoulders, output_size
+from cvgen.faces import Box, FaceDetector, crop_to, head_and_shoulders, output_size
 from cvgen.images import resize_and_crop
 
 Framing = Literal["square", "4:5", "3:4", "35x45"]

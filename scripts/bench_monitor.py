@@ -48,8 +48,8 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from cvgen.data.faces import FaceDetector
     from cvgen.data.sample import sample_sources
+    from cvgen.faces import FaceDetector
     from cvgen.images import open_image
     from cvgen.monitor.featurelog import FeatureLog
     from cvgen.monitor.features import feature_detector, photo_features, tone_features

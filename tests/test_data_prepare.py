@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from cvgen.data.download import HttpConfig
-from cvgen.data.faces import FaceDetector, head_and_shoulders
 from cvgen.data.metadata import DataError, read_metadata
 from cvgen.data.prepare import PrepareConfig, prepare
 from cvgen.data.sample import sample_sources, write_sample_set
+from cvgen.faces import FaceDetector, head_and_shoulders
 from cvgen.images import open_image
 
 CFG = dict(resolution=64, min_size=64, workers=4)
@@ -118,7 +118,7 @@ def test_prepare_sample_set_frames_each_face(raw: Path, tmp_path: Path) -> None:
 
 
 def test_head_and_shoulders_keeps_aspect_and_stays_inside() -> None:
-    from cvgen.data.faces import Box
+    from cvgen.faces import Box
 
     face = Box(400, 200, 200, 200)
     box = head_and_shoulders(face, 1000, 1500, aspect=0.8, face_fraction=0.35)

@@ -14,9 +14,9 @@ from PIL import Image
 from cvgen.data.buckets import make_buckets, nearest_bucket
 from cvgen.data.dataset import process_caption
 from cvgen.data.dedupe import DuplicateIndex, dhash, hamming
-from cvgen.data.faces import Box, head_and_shoulders, output_size
 from cvgen.data.metadata import DataError, parse_line
 from cvgen.data.sources import MAX_CAPTION_CHARS, validate_caption
+from cvgen.faces import Box, head_and_shoulders, output_size
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from cvgen import portrait
-from cvgen.data.faces import Box
 from cvgen.errors import CVGenError
+from cvgen.faces import Box
 from cvgen.images import open_image, resize_and_crop
 from cvgen.serve.config import ServeConfig, load_config
 from cvgen.serve.engine import Img2ImgEngine, group_by_key

@@ -61,8 +61,8 @@ def add_parser(sub: Any) -> None:
 
 
 def _reference(args: argparse.Namespace) -> int:
+    from cvgen.data.photos import folder_features
     from cvgen.monitor.features import feature_detector
-    from cvgen.monitor.photos import folder_features
     from cvgen.monitor.profile import profile_from_rows
 
     detector = feature_detector(args.cascade)
@@ -114,8 +114,8 @@ def _current(
 
     src = Path(args.current)
     if src.is_dir():
+        from cvgen.data.photos import folder_features
         from cvgen.monitor.features import feature_detector
-        from cvgen.monitor.photos import folder_features
 
         found = folder_features(src, feature_detector(cascade if cascade else None), strict=False)
         for name, why in found.unreadable:

@@ -57,10 +57,10 @@ from PIL import Image
 
 from cvgen.data.dedupe import DuplicateIndex, dhash, sha256_bytes
 from cvgen.data.download import HttpConfig, check_image_bytes, fetch
-from cvgen.data.faces import FaceDetector, crop_to, head_and_shoulders, output_size
 from cvgen.data.journal import open_journal
 from cvgen.data.metadata import METADATA_FILE, DataError
 from cvgen.data.sources import Row, read_source
+from cvgen.faces import FaceDetector, crop_to, head_and_shoulders, output_size
 from cvgen.fsutil import atomic_write_bytes, atomic_write_text
 from cvgen.images import MAX_IMAGE_PIXELS, ImageError, jpeg_bytes, open_image, resize_and_crop
 from cvgen.monitor.features import (

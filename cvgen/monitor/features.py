@@ -11,7 +11,7 @@ The tone and sharpness features are computed on a copy scaled to a fixed area
 resolution; the size features carry the resolution. Sums run in integers, so a photo gives the
 same numbers on every machine (the reference profile is part of a DVC-tracked folder).
 
-Face detection uses :class:`cvgen.data.faces.FaceDetector`, OpenCV's Haar cascade that
+Face detection uses :class:`cvgen.faces.FaceDetector`, OpenCV's Haar cascade that
 ``cvgen data prepare`` uses, with faster settings (:data:`DETECTOR_SETTINGS`: a copy of at most
 320 px and a coarser pyramid step, about 3x faster than prepare's framing settings). The same
 settings compute the reference profile and every request's features, so a face count means the
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from cvgen.data.faces import Box, FaceDetector
+    from cvgen.faces import Box, FaceDetector
 
 # version of the feature definitions below: a profile made by another version is refused
 FEATURES_VERSION = 1
@@ -147,7 +147,7 @@ def photo_features(
 def feature_detector(cascade: str | None = None) -> FaceDetector:
     """The face detector of the drift features: ``cascade`` (default: prepare's) with
     :data:`DETECTOR_SETTINGS`. Needs OpenCV (``ModuleNotFoundError`` for ``cv2`` without it)."""
-    from cvgen.data.faces import DEFAULT_CASCADE, FaceDetector
+    from cvgen.faces import DEFAULT_CASCADE, FaceDetector
 
     d = DETECTOR_SETTINGS
     return FaceDetector(
@@ -162,7 +162,7 @@ def feature_detector(cascade: str | None = None) -> FaceDetector:
 def extractor_settings(cascade: str | None = None) -> dict[str, object]:
     """What a reference profile records about how its features were computed; a request's
     features are comparable with it when these are the same."""
-    from cvgen.data.faces import DEFAULT_CASCADE
+    from cvgen.faces import DEFAULT_CASCADE
 
     name = (cascade or DEFAULT_CASCADE).rsplit("/", 1)[-1]
     return {

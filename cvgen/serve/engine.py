@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from cvgen import portrait
-from cvgen.data.faces import Box
+from cvgen.faces import Box
 from cvgen.pipeline import Pipelines
 from cvgen.serve.config import ServeConfig
 from cvgen.serve.schema import GenParams, GenRequest, GenResult

@@ -31,14 +31,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from cvgen.data.faces import Box
+from cvgen.faces import Box
 from cvgen.images import ImageError, open_image
 from cvgen.portrait import Framed, Framing, frame_photo
 from cvgen.serve.config import ServeConfig
 from cvgen.serve.validation import UNKNOWN, first_error, phrase, shown
 
 if TYPE_CHECKING:
-    from cvgen.data.faces import FaceDetector
+    from cvgen.faces import FaceDetector
     from cvgen.serve.looks import Look
 
 MAX_SEED = 2**32 - 1

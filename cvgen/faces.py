@@ -1,4 +1,5 @@
-"""Face detection and the head-and-shoulders crop.
+"""Face detection and the head-and-shoulders crop, shared by ``cvgen data prepare`` (training
+crops), serving (framing and keep_face) and drift monitoring, so all three see the same faces.
 
 The detector is OpenCV's Haar cascade that ships inside ``opencv-python-headless`` 4.x
 (``cv2.data.haarcascades``): offline, no model download. ``frontalface_alt2`` is the default:

@@ -1,4 +1,5 @@
-"""Drift features of a folder of photos: the reference set, or a sample of production photos.
+"""Drift features of a folder of photos: the reference set, or a sample of production photos
+(``cvgen monitor reference`` and ``cvgen monitor drift --current FOLDER``).
 
 A folder is read the way ``cvgen data prepare --src FOLDER`` reads it: the files its
 ``metadata.jsonl`` lists, in that order, or else every image under it (sorted; hidden
@@ -13,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvgen.data.faces import FaceDetector
 from cvgen.data.sources import IMAGE_SUFFIXES
 from cvgen.errors import CVGenError
+from cvgen.faces import FaceDetector
 from cvgen.images import ImageError, open_image
 from cvgen.monitor.features import photo_features
 
