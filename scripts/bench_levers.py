@@ -105,10 +105,18 @@ def run_once(pipe: Any, image: Any, args: argparse.Namespace, steps: int, seed: 
     ).images[0]
 
 
-def lever_table(args: argparse.Namespace, model: Path, photo: bytes) -> dict[str, Any]:
-    """Latency, speed-up over the bare fp32 pipeline and PSNR for each ``--levers`` combo."""
+def lever_table(
+    args: argparse.Namespace, model: Path, photo: bytes, servers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Latency, speed-up over the bare fp32 pipeline and PSNR for each ``--levers`` combo;
+    each round also sends one request to each of ``servers`` (name -> URL), so the HTTP
+    latencies are paired with the bare calls of the same round."""
+    import httpx
     import numpy as np
+    from bench_serve import post
     from PIL import Image
+
+    servers = servers or {}
 
     names = ["fp32", *[n for n in args.levers.split(",") if n and n != "fp32"]]
     combos = [parse_combo(n, args.steps) for n in names]
@@ -123,14 +131,24 @@ def lever_table(args: argparse.Namespace, model: Path, photo: bytes) -> dict[str
     ref = outputs["fp32"]
     other_seed = np.asarray(run_once(pipes["fp32"], image, args, args.steps, seed=1))
     times: dict[str, list[float]] = {c.name: [] for c in combos}
-    for r in range(args.rounds):
-        for c in combos:
-            t0 = time.perf_counter()
-            out = np.asarray(run_once(pipes[c.name], image, args, c.steps))
-            times[c.name].append(time.perf_counter() - t0)
-            if not np.array_equal(out, outputs[c.name]):
-                print(f"  note: {c.name} is not deterministic across calls", flush=True)
-        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
+    http: dict[str, list[float]] = {name: [] for name in servers}
+    with httpx.Client() as client:
+        for url in servers.values():
+            post(client, url, photo, 0)  # each server's first request
+        for r in range(args.rounds):
+            for c in combos:
+                t0 = time.perf_counter()
+                out = np.asarray(run_once(pipes[c.name], image, args, c.steps))
+                times[c.name].append(time.perf_counter() - t0)
+                if not np.array_equal(out, outputs[c.name]):
+                    print(f"  note: {c.name} is not deterministic across calls", flush=True)
+                if c.name in servers:
+                    http[c.name].append(post(client, servers[c.name], photo, 0)[0])
+            print(
+                f"  round {r + 1}: "
+                + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items())
+                + "".join(f", HTTP {k} {v[-1]:.1f} s" for k, v in http.items())
+            )
     rows = []
     for c in combos:
         ratios = [f / t for f, t in zip(times["fp32"], times[c.name], strict=True)]
@@ -146,6 +164,16 @@ def lever_table(args: argparse.Namespace, model: Path, photo: bytes) -> dict[str
                 "psnr_db": psnr(outputs[c.name], ref),
             }
         )
+    for name, lat in http.items():
+        ratios = [f / t for f, t in zip(times["fp32"], lat, strict=True)]
+        overhead = [h / b - 1 for h, b in zip(lat, times[name], strict=True)]
+        row = next(r for r in rows if r["levers"] == name)
+        row["http"] = {
+            "p50_s": statistics.median(lat),
+            "times_s": lat,
+            "speedup": statistics.median(ratios),
+            "overhead": statistics.median(overhead),
+        }
     return {
         "rows": rows,
         "psnr_other_seed_db": psnr(other_seed, ref),
@@ -154,38 +182,30 @@ def lever_table(args: argparse.Namespace, model: Path, photo: bytes) -> dict[str
     }
 
 
-def http_latency(
-    args: argparse.Namespace, model: Path, photo: bytes, names: list[str]
-) -> dict[str, Any]:
-    """p50 of ``POST /predict`` (max_batch_size 1) with each combo's dtype and levers."""
-    import httpx
-    from bench_serve import Server, post
+def start_servers(args: argparse.Namespace, model: Path, names: list[str]) -> dict[str, Any]:
+    """``cvgen serve`` (max_batch_size 1) for each combo (its dtype and levers), all started
+    at once and ready before the table's rounds; name -> :class:`bench_serve.Server`."""
+    from bench_serve import Server
 
-    out: dict[str, Any] = {}
+    servers: dict[str, Any] = {}
     for name in names:
         c = parse_combo(name, args.steps)
         a = copy.copy(args)
         a.dtype, a.steps = c.dtype, c.steps
-        server = Server(a, model, 1, Path(args.workdir), levers=c.levers or ServeLevers())
-        try:
-            ready = server.wait_ready(args.ready_timeout)
-            with httpx.Client() as client:
-                post(client, server.url, photo, 0)
-                lat = [post(client, server.url, photo, 0)[0] for _ in range(args.http_requests)]
-        finally:
-            server.stop()
-        out[name] = {"ready_s": ready, "times_s": lat, "p50_s": statistics.median(lat)}
-        print(f"  HTTP {name}: ready in {ready:.0f} s, p50 {out[name]['p50_s']:.1f} s", flush=True)
-    return out
+        servers[name] = Server(
+            a, model, 1, Path(args.workdir), levers=c.levers or ServeLevers(), tag=name
+        )
+    for name, server in servers.items():
+        print(f"  HTTP {name}: ready in {server.wait_ready(args.ready_timeout):.0f} s", flush=True)
+    return servers
 
 
 def print_table(result: dict[str, Any]) -> None:
     t = result["lever_table"]
-    http = result.get("lever_http", {})
     print(f"{'levers':<28}{'p50 s':>8}{'speed-up':>10}{'(rounds)':>16}{'PSNR dB':>9}{'HTTP s':>8}")
     for r in t["rows"]:
         lo, hi = r["speedup_range"]
-        h = http.get(r["levers"], {}).get("p50_s")
+        h = r.get("http", {}).get("p50_s")
         print(
             f"{r['levers'] + (' *' if r['approximate'] else ''):<28}{r['p50_s']:>8.1f}"
             f"{r['speedup']:>9.2f}x{f'{lo:.2f}-{hi:.2f}x':>16}{r['psnr_db']:>9.1f}"

@@ -125,6 +125,7 @@ class Server:
         batch: int,
         workdir: Path,
         levers: ServeLevers | None = None,
+        tag: str = "",
     ):
         self.port = free_port()
         cfg = {
@@ -143,9 +144,10 @@ class Server:
             "warmup": True,
             "queue_timeout": 600,
         }
-        path = workdir / f"serve-{batch}.yaml"
+        name = f"serve-{batch}{'-' + tag if tag else ''}"
+        path = workdir / f"{name}.yaml"
         path.write_text(json.dumps(cfg))  # JSON is YAML
-        self.log = open(workdir / f"serve-{batch}.log", "w")  # noqa: SIM115
+        self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115
         env = {**os.environ, "CVGEN_API_KEY": ""}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cvgen.cli", "serve", "--config", str(path)],
@@ -309,8 +311,9 @@ def main() -> None:
         help="comma-separated combinations (scripts/bench_levers.py); fp32 always runs",
     )
     p.add_argument("--lever-rounds", type=int, default=3, help="interleaved timed rounds")
-    p.add_argument("--http-levers", default="fp32", help="combinations also timed over HTTP")
-    p.add_argument("--http-requests", type=int, default=3)
+    p.add_argument(
+        "--http-levers", default="fp32", help="combinations also timed over HTTP (paired)"
+    )
     p.add_argument("--workdir", default="/tmp/cvgen-bench")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -453,12 +456,15 @@ def run_lever_table(args: argparse.Namespace, model: Path, photo: bytes, t_start
         "machine": machine(),
         "args": vars(args),
     }
-    result["lever_table"] = bench_levers.lever_table(args, model, photo)
-    save(args, result)
     http = [n for n in args.http_levers.split(",") if n]
-    if http:
-        result["lever_http"] = bench_levers.http_latency(args, model, photo, http)
-        save(args, result)
+    servers = bench_levers.start_servers(args, model, http)
+    try:
+        urls = {name: server.url for name, server in servers.items()}
+        result["lever_table"] = bench_levers.lever_table(args, model, photo, urls)
+    finally:
+        for server in servers.values():
+            server.stop()
+    save(args, result)
     print(
         f"\ncvgen bench_serve --lever-table  {result['date']}  {result['machine']}\n"
         f"arch={args.arch} {len(photo)} B photo, steps={args.steps} strength={args.strength}, "

@@ -97,6 +97,10 @@ def test_bf16_on_a_cpu_without_it_falls_back_to_fp32_with_one_line(
     lines = [r.getMessage() for r in caplog.records if r.name == "cvgen.pipeline"]
     assert len(lines) == 1 and "no native bf16" in lines[0] and "float32" in lines[0]
     assert resolve_dtype("float32", "cpu") == torch.float32  # nothing else changes
+    assert resolve_dtype("auto", "cpu") == torch.float32  # auto: fp32 there, without a line
+    assert len([r for r in caplog.records if r.name == "cvgen.pipeline"]) == 1
+    monkeypatch.setattr(accel, "cpu_supports_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16  # and bf16 where the CPU has it
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +265,24 @@ def test_psnr() -> None:
     assert accel.psnr(a, a) == float("inf")
     assert accel.psnr(a, a + 0.1) == pytest.approx(20.0)
     assert accel.psnr(np.zeros((2, 2), np.uint8), np.full((2, 2), 255, np.uint8)) == 0.0
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_few_step_schedulers_generate(tiny_model: Path, name: str) -> None:
+    from PIL import Image
+
+    from cvgen.pipeline import load_img2img
+
+    pipe = load_img2img(tiny_model, device="cpu", dtype="float32", scheduler=name)
+    assert type(pipe.scheduler).__name__ == {"lcm": "LCMScheduler", "tcd": "TCDScheduler"}[name]
+    photo = Image.new("RGB", (64, 64), (120, 100, 90))
+    out = pipe(
+        prompt="a portrait",
+        image=photo,
+        strength=0.6,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+    assert out.shape == (64, 64, 3) and np.isfinite(out).all()
