@@ -27,6 +27,10 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
+    # few-step schedulers, for a model or LoRA distilled for them (LCM-LoRA, TCD-LoRA): 4-8
+    # steps at guidance_scale 1-2
+    "lcm": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 
 DTYPES = {
@@ -107,15 +111,30 @@ def base_load_error(label: str, base: str, error: Exception) -> CVGenError:
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
-    """``auto`` is bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 elsewhere."""
+    """``auto`` is bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on a CPU with native
+    bf16 (:func:`cvgen.accel.cpu_supports_bf16`: the fastest faithful setting measured on CPUs,
+    benchmarks/README.md) and fp32 elsewhere.
+
+    bf16 asked for on a CPU without native bf16 runs in fp32, with one log line: emulated bf16
+    is slower than fp32 there."""
+    from cvgen.accel import cpu_supports_bf16
+
     if name in (None, "auto"):
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device == "cpu" and cpu_supports_bf16():
+            return torch.bfloat16
         return torch.float32
     try:
-        return DTYPES[name]
+        dtype = DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; one of auto, {', '.join(DTYPES)}") from None
+    if dtype == torch.bfloat16 and device == "cpu" and not cpu_supports_bf16():
+        logging.getLogger(__name__).warning(
+            "dtype %s: this CPU has no native bf16 (AVX512-BF16, AMX); using float32", name
+        )
+        return torch.float32
+    return dtype
 
 
 def resolve_device(name: str | None) -> str:

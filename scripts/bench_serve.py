@@ -2,6 +2,9 @@
 """Serving: end-to-end HTTP latency of ``cvgen serve`` against the bare diffusers pipeline call
 on the same model (the overhead ratio), throughput against concurrency and ``max_batch_size``,
 and what keep_face costs per image (face detection, masks, composite) beside the generation.
+With ``--lever-table``: the CPU levers instead (scripts/bench_levers.py), one image per lever
+and combination against the bare fp32 diffusers pipeline: latency, speed-up, PSNR to fp32, and
+end to end over HTTP for the combinations in ``--http-levers``.
 
 The server is the real one: ``cvgen serve`` started as a subprocess on 127.0.0.1 with a
 generated config, polled on ``/health``, sent a bounded number of multipart requests, then
@@ -10,6 +13,8 @@ stopped with SIGTERM. Figures go to stdout and optionally to a JSON file.
     python scripts/bench_serve.py                                  # tiny model, CPU
     python scripts/bench_serve.py --arch sd15 --device cuda --dtype bfloat16 --compile \\
         --channels-last                                            # SD 1.5 architecture, GPU
+    python scripts/bench_serve.py --lever-table --arch small --resolution 256 \
+        --levers bf16,dyn,bf16+compile --http-levers fp32,bf16   # CPU levers (benchmarks/README)
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import machine, prepare_model
 
 from cvgen import perf
+from cvgen.accel import ServeLevers
 
 
 def pct(values: list[float], q: float) -> float:
@@ -60,7 +66,7 @@ def photo_bytes(size: int) -> bytes:
     return buf.getvalue()
 
 
-def levers(args: argparse.Namespace) -> perf.SpeedLevers:
+def flags(args: argparse.Namespace) -> perf.SpeedLevers:
     """The speed levers of the benchmark's flags, for the server and the bare pipeline alike."""
     return perf.SpeedLevers(
         channels_last=args.channels_last,
@@ -79,7 +85,7 @@ def bare_latency(args: argparse.Namespace, model: Path, n: int) -> list[float]:
 
     pipe = load_img2img(model, device=args.device, dtype=args.dtype)
     # the server's levers (SpeedLevers.apply, as its engine calls it): same compute on both sides
-    levers(args).apply(pipe.unet, others=(pipe.vae,), cpu=args.device == "cpu")
+    flags(args).apply(pipe.unet, others=(pipe.vae,), cpu=args.device == "cpu")
     size = model_resolution(str(model))
     image = Image.open(io.BytesIO(photo_bytes(size))).convert("RGB")
 
@@ -112,7 +118,15 @@ def bare_latency(args: argparse.Namespace, model: Path, n: int) -> list[float]:
 class Server:
     """``cvgen serve`` in a subprocess (its own session), stopped with SIGTERM."""
 
-    def __init__(self, args: argparse.Namespace, model: Path, batch: int, workdir: Path):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: Path,
+        batch: int,
+        workdir: Path,
+        levers: ServeLevers | None = None,
+        tag: str = "",
+    ):
         self.port = free_port()
         cfg = {
             "base": str(model),
@@ -125,13 +139,15 @@ class Server:
             "log_level": "warning",
             "default_steps": args.steps,
             "default_strength": args.strength,
-            "levers": dataclasses.asdict(levers(args)),
+            "levers": dataclasses.asdict(levers or ServeLevers(**dataclasses.asdict(flags(args)))),
+            "resolution": getattr(args, "resolution", None),
             "warmup": True,
             "queue_timeout": 600,
         }
-        path = workdir / f"serve-{batch}.yaml"
+        name = f"serve-{batch}{'-' + tag if tag else ''}"
+        path = workdir / f"{name}.yaml"
         path.write_text(json.dumps(cfg))  # JSON is YAML
-        self.log = open(workdir / f"serve-{batch}.log", "w")  # noqa: SIM115
+        self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115
         env = {**os.environ, "CVGEN_API_KEY": ""}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cvgen.cli", "serve", "--config", str(path)],
@@ -265,7 +281,8 @@ def throughput(url: str, photo: bytes, concurrency: int, n: int) -> dict[str, fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--arch", choices=("tiny", "mid", "sd15"), default="tiny")
+    p.add_argument("--arch", choices=("tiny", "mid", "small", "sd15"), default="tiny")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--steps", type=int, default=30)
@@ -287,6 +304,16 @@ def main() -> None:
     )
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--lever-table", action="store_true", help="the CPU lever table only")
+    p.add_argument(
+        "--levers",
+        default="bf16,cl,compile,dyn,wo,bf16+compile+dyn,tome0.5,dc3",
+        help="comma-separated combinations (scripts/bench_levers.py); fp32 always runs",
+    )
+    p.add_argument("--lever-rounds", type=int, default=3, help="interleaved timed rounds")
+    p.add_argument(
+        "--http-levers", default="fp32", help="combinations also timed over HTTP (paired)"
+    )
     p.add_argument("--workdir", default="/tmp/cvgen-bench")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -297,7 +324,10 @@ def main() -> None:
     from cvgen.data.sample import sample_sources
     from cvgen.serve.config import model_resolution
 
-    photo = photo_bytes(model_resolution(str(model)))
+    photo = photo_bytes(args.resolution or model_resolution(str(model)))
+    if args.lever_table:
+        run_lever_table(args, model, photo, t_start)
+        return
 
     bare = bare_latency(args, model, args.latency_requests)
     result: dict[str, Any] = {
@@ -414,6 +444,34 @@ def print_keep_face(kf: dict[str, Any]) -> None:
         )
     extra = kf["on"]["p50_s"] - kf["off"]["p50_s"]
     print(f"  keep_face costs {1000 * extra:+.1f} ms per image end to end", flush=True)
+
+
+def run_lever_table(args: argparse.Namespace, model: Path, photo: bytes, t_start: float) -> None:
+    """``--lever-table``: scripts/bench_levers.py's table, then HTTP for ``--http-levers``."""
+    import bench_levers
+
+    args.rounds = args.lever_rounds
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "args": vars(args),
+    }
+    http = [n for n in args.http_levers.split(",") if n]
+    servers = bench_levers.start_servers(args, model, http)
+    try:
+        urls = {name: server.url for name, server in servers.items()}
+        result["lever_table"] = bench_levers.lever_table(args, model, photo, urls)
+    finally:
+        for server in servers.values():
+            server.stop()
+    save(args, result)
+    print(
+        f"\ncvgen bench_serve --lever-table  {result['date']}  {result['machine']}\n"
+        f"arch={args.arch} {len(photo)} B photo, steps={args.steps} strength={args.strength}, "
+        f"batch 1, {args.lever_rounds} rounds"
+    )
+    bench_levers.print_table(result)
+    print(f"(total {time.perf_counter() - t_start:.0f} s)")
 
 
 def save(args: argparse.Namespace, result: dict[str, Any]) -> None:

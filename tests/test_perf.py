@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from cvgen import perf
+from cvgen.accel import ServeLevers
 from cvgen.data.datamodule import PortraitDataModule
 from cvgen.perf import SpeedLevers
 from cvgen.serve.config import ServeConfig, load_config
@@ -150,7 +151,7 @@ def test_attention_kinds_give_the_same_output(tiny_model: Path) -> None:
 def test_serve_yaml_levers_parse_and_are_checked() -> None:
     cfg = load_config(ROOT / "configs" / "serve.yaml")
     raw = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
-    keys = ("channels_last", "compile_unet", "compile_mode", "attention", "flush_denormal")
+    keys = [f.name for f in dataclasses.fields(ServeLevers)]
     for key in keys:
         assert getattr(cfg.levers, key) == raw["levers"][key], key
     assert cfg.warmup == raw["warmup"]
@@ -179,7 +180,7 @@ def test_serve_levers_and_warmup(tiny_model: Path, restore_tf32) -> None:
     from cvgen.pipeline import load_pipelines
     from cvgen.serve.engine import Img2ImgEngine
 
-    levers = perf.SpeedLevers(
+    levers = ServeLevers(
         channels_last=True, compile_unet=True, attention="default", allow_tf32=False
     )
     cfg = ServeConfig(

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from cvgen.accel import ServeLevers
 from cvgen.errors import CVGenError
 from cvgen.lora import DIFFUSERS_WEIGHT_NAME
 from cvgen.netfetch import (
@@ -21,7 +22,6 @@ from cvgen.netfetch import (
     fetch_image_bytes_sync,
     parse_networks,
 )
-from cvgen.perf import SpeedLevers
 from cvgen.serve.config import ServeConfig, load_config
 from cvgen.serve.schema import ClientError, GenParams, check_image_sources
 from cvgen.serve.wandb_lora import parse_ref, resolve_lora
@@ -39,7 +39,7 @@ def test_every_config_key_has_a_comment(repo_root: Path) -> None:
     keyed = [ln for ln in lines if ln and not ln.startswith("#") and ":" in ln]
     assert keyed and all("#" in ln for ln in keyed), [ln for ln in keyed if "#" not in ln]
     keys = {ln.split(":", 1)[0].strip() for ln in keyed}
-    assert keys == set(ServeConfig.model_fields) | set(SpeedLevers.__dataclass_fields__)
+    assert keys == set(ServeConfig.model_fields) | set(ServeLevers.__dataclass_fields__)
 
 
 def test_config_flags_override_yaml(tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cvgen.accel import ServeLevers
 from cvgen.data.prepare import PrepareConfig
 from cvgen.errors import CVGenError
-from cvgen.perf import SpeedLevers
 from cvgen.pipeline import DEFAULT_ADAPTER
 from cvgen.portrait import Framing, framed_size
 from cvgen.serve.validation import UNKNOWN, first_error, phrase, shown
@@ -100,7 +100,7 @@ class ServeConfig(BaseModel):
     url_max_redirects: int = Field(3, ge=0)
     url_allowlist: list[str] = Field(default_factory=list)
     # speed
-    levers: SpeedLevers = Field(default_factory=SpeedLevers)
+    levers: ServeLevers = Field(default_factory=ServeLevers)
     warmup: bool = True
     # --- operations: workers, monitoring, reload (cvgen.serve.workers, .monitoring, .info) ---
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -312,7 +312,7 @@ def model_scale_factor(base: str, strict: bool = False) -> int:
         return DEFAULT_SCALE_FACTOR
 
 
-_LEVERS = frozenset(f.name for f in dataclasses.fields(SpeedLevers))
+_LEVERS = frozenset(f.name for f in dataclasses.fields(ServeLevers))
 
 
 def config_error(
@@ -333,7 +333,7 @@ def config_error(
     message = phrase(details)
     head = message.split(" ", 1)
     if model is None and loc == ("levers",) and head[0] in _LEVERS and len(head) > 1:
-        loc, message = (*loc, head[0]), head[1]  # SpeedLevers checks its own fields
+        loc, message = (*loc, head[0]), head[1]  # ServeLevers checks its own fields
     name = ".".join((*prefix, *loc)) or "serve config"
     if details["type"] in UNKNOWN:
         levers = model is None and loc[:1] == ("levers",)

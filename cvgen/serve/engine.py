@@ -79,11 +79,9 @@ class Img2ImgEngine:
         return engine
 
     def apply_levers(self) -> str:
-        """The config's speed levers (:class:`cvgen.perf.SpeedLevers`) on this pipeline; returns
-        the line it logs."""
-        done = self.cfg.levers.apply(
-            self.pipe.unet, others=(self.pipe.vae,), cpu=self.device == "cpu"
-        )
+        """The config's speed levers (:class:`cvgen.accel.ServeLevers`) on this pipeline (the
+        inpainting pipeline shares its modules); returns the line it logs."""
+        done = self.cfg.levers.apply_pipeline(self.pipe, cpu=self.device == "cpu")
         log.info("speed levers: %s", done)
         return done
 
