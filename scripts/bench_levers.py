@@ -29,6 +29,7 @@ import dataclasses
 import io
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +107,19 @@ def run_once(pipe: Any, image: Any, args: argparse.Namespace, steps: int, seed: 
 
 
 def lever_table(
-    args: argparse.Namespace, model: Path, photo: bytes, servers: dict[str, str] | None = None
+    args: argparse.Namespace,
+    model: Path,
+    photo: bytes,
+    servers: dict[str, str],
+    post: Callable[..., tuple[float, int, dict[str, float]]],
 ) -> dict[str, Any]:
     """Latency, speed-up over the bare fp32 pipeline and PSNR for each ``--levers`` combo;
     each round also sends one request to each of ``servers`` (name -> URL), so the HTTP
-    latencies are paired with the bare calls of the same round."""
+    latencies are paired with the bare calls of the same round, sent with ``post``
+    (``bench_serve.post``, handed in so that this module does not import its caller)."""
     import httpx
     import numpy as np
-    from bench_serve import post
     from PIL import Image
-
-    servers = servers or {}
 
     names = ["fp32", *[n for n in args.levers.split(",") if n and n != "fp32"]]
     combos = [parse_combo(n, args.steps) for n in names]
@@ -182,17 +185,18 @@ def lever_table(
     }
 
 
-def start_servers(args: argparse.Namespace, model: Path, names: list[str]) -> dict[str, Any]:
+def start_servers(
+    args: argparse.Namespace, model: Path, names: list[str], server_cls: Callable[..., Any]
+) -> dict[str, Any]:
     """``cvgen serve`` (max_batch_size 1) for each combo (its dtype and levers), all started
-    at once and ready before the table's rounds; name -> :class:`bench_serve.Server`."""
-    from bench_serve import Server
-
+    at once and ready before the table's rounds; name -> ``server(...)`` (bench_serve's
+    ``Server``, handed in so that this module does not import its caller)."""
     servers: dict[str, Any] = {}
     for name in names:
         c = parse_combo(name, args.steps)
         a = copy.copy(args)
         a.dtype, a.steps = c.dtype, c.steps
-        servers[name] = Server(
+        servers[name] = server_cls(
             a, model, 1, Path(args.workdir), levers=c.levers or ServeLevers(), tag=name
         )
     for name, server in servers.items():

@@ -457,10 +457,10 @@ def run_lever_table(args: argparse.Namespace, model: Path, photo: bytes, t_start
         "args": vars(args),
     }
     http = [n for n in args.http_levers.split(",") if n]
-    servers = bench_levers.start_servers(args, model, http)
+    servers = bench_levers.start_servers(args, model, http, Server)
     try:
         urls = {name: server.url for name, server in servers.items()}
-        result["lever_table"] = bench_levers.lever_table(args, model, photo, urls)
+        result["lever_table"] = bench_levers.lever_table(args, model, photo, urls, post)
     finally:
         for server in servers.values():
             server.stop()
