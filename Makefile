@@ -64,7 +64,7 @@ docker-serve: ## build the serving image (docker/serve.Dockerfile)
 docker-train: ## build the training image (docker/train.Dockerfile: CUDA, cvgen[train,gs])
 	DOCKER_BUILDKIT=1 docker build -f docker/train.Dockerfile -t cvgen-train .
 
-test: $(VENV)/.installed ## run the tests (a few minutes on CPU) with coverage; fails below the floor in pyproject.toml
+test: $(VENV)/.installed ## run the tests (about 10 minutes on two CPU cores) with coverage; fails below the floor in pyproject.toml
 	$(BIN)/pytest -q --cov --cov-report=term:skip-covered
 
 test-slow: $(VENV)/.installed ## run the slow tests too
