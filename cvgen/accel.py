@@ -103,12 +103,14 @@ class ServeLevers(SpeedLevers):
             on.append(f"deepcache_interval={self.deepcache_interval}")
         return on
 
-    def apply_pipeline(self, pipe: Any, cpu: bool = True) -> str:
+    def apply_pipeline(self, pipe: Any, cpu: bool = True, workers: int = 1) -> str:
         """Apply every lever to the (img2img) pipeline ``pipe`` and to this process; the
-        inpainting pipeline shares its modules. Returns one line for the log."""
+        inpainting pipeline shares its modules. ``workers``: the inference processes sharing
+        this machine's CPUs (``threads: 0`` gives each its share of the quota). Returns one line
+        for the log."""
         done = []
         if cpu:
-            done.append(f"threads={set_threads(self.threads)}")
+            done.append(f"threads={set_threads(self.threads, workers)}")
         if self.quantize != "none":
             for part in self.quantize_parts:
                 quantize_module(getattr(pipe, part), self.quantize)
@@ -190,9 +192,10 @@ def cpu_quota_threads(
     return max(1, cpus)
 
 
-def set_threads(threads: int = 0) -> int:
-    """``torch.set_num_threads``: ``threads``, or from the CPU quota when 0; returns it."""
-    n = threads or cpu_quota_threads()
+def set_threads(threads: int = 0, workers: int = 1) -> int:
+    """``torch.set_num_threads``: ``threads``, or when 0 this process's share of the CPU quota
+    (``workers`` processes share it; at least 1 each); returns it."""
+    n = threads or max(1, cpu_quota_threads() // max(1, workers))
     torch.set_num_threads(n)
     return n
 

@@ -84,6 +84,23 @@ def test_set_threads_uses_the_quota_and_an_explicit_count() -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(
+    ("quota", "workers", "threads"), [(8, 1, 8), (8, 2, 4), (8, 3, 2), (2, 4, 1)]
+)
+def test_workers_on_one_cpu_share_the_quota(
+    monkeypatch: pytest.MonkeyPatch, quota: int, workers: int, threads: int
+) -> None:
+    """``threads: 0`` with several CPU workers gives each its share, not each the whole quota
+    (which would run workers x quota threads on quota CPUs)."""
+    monkeypatch.setattr(accel, "cpu_quota_threads", lambda: quota)
+    before = torch.get_num_threads()
+    try:
+        assert accel.set_threads(0, workers) == threads == torch.get_num_threads()
+        assert accel.set_threads(3, workers) == 3  # an explicit count is taken as it is
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bf16_on_a_cpu_without_it_falls_back_to_fp32_with_one_line(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

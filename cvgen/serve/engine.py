@@ -81,7 +81,9 @@ class Img2ImgEngine:
     def apply_levers(self) -> str:
         """The config's speed levers (:class:`cvgen.accel.ServeLevers`) on this pipeline (the
         inpainting pipeline shares its modules); returns the line it logs."""
-        done = self.cfg.levers.apply_pipeline(self.pipe, cpu=self.device == "cpu")
+        cpu = self.device == "cpu"
+        workers = self.cfg.workers_per_device if cpu else 1
+        done = self.cfg.levers.apply_pipeline(self.pipe, cpu=cpu, workers=workers)
         log.info("speed levers: %s", done)
         return done
 
