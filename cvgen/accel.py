@@ -308,16 +308,3 @@ def _per_call_helper(base: type) -> type:
             self.pipe.unet.forward = forward
 
     return PerCallDeepCache
-
-
-def psnr(image: Any, reference: Any) -> float:
-    """PSNR in dB of ``image`` against ``reference`` (arrays or PIL images; uint8 images are
-    read as 0..255, float ones as 0..1): how far a lever moves the output."""
-    import numpy as np
-
-    def unit(x: Any) -> Any:
-        a = np.asarray(x)
-        return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
-
-    mse = float(np.mean((unit(image) - unit(reference)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))

@@ -116,3 +116,19 @@ def jpeg_bytes(img: Image.Image, quality: int = 92) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def psnr(image: object, reference: object, region: np.ndarray | None = None) -> float:
+    """PSNR in dB of ``image`` against ``reference`` (PIL images, read as RGB, or arrays of one
+    shape: uint8 as 0..255, floats as 0..1), over ``region`` (bool h x w) or everywhere;
+    ``inf`` for identical pixels."""
+
+    def unit(x: object) -> np.ndarray:
+        a = np.asarray(x.convert("RGB") if isinstance(x, Image.Image) else x)
+        return a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
+
+    diff = unit(image) - unit(reference)
+    if region is not None:
+        diff = diff[region]
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))

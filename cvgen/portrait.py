@@ -142,13 +142,3 @@ def composite(original: Image.Image, generated: Image.Image, keep: np.ndarray) -
     g = np.asarray(generated.convert("RGB"), dtype=np.float32)
     out = g + (o - g) * keep[..., None]
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
-
-
-def psnr(a: Image.Image, b: Image.Image, region: np.ndarray | None = None) -> float:
-    """PSNR in dB between two RGB images of one size, over ``region`` (bool h x w) or all;
-    ``inf`` for identical pixels."""
-    x = np.asarray(a.convert("RGB"), dtype=np.float64)
-    y = np.asarray(b.convert("RGB"), dtype=np.float64)
-    diff = (x - y)[region] if region is not None else (x - y)
-    mse = float(np.mean(diff**2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)

@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cvgen.accel import ServeLevers, psnr
+from cvgen.accel import ServeLevers
+from cvgen.images import psnr
 
 TOKENS: dict[str, dict[str, Any]] = {
     "cl": {"channels_last": True},

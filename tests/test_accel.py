@@ -17,6 +17,7 @@ import torch
 from cvgen import accel, perf
 from cvgen.accel import ServeLevers
 from cvgen.errors import CVGenError
+from cvgen.images import psnr
 from cvgen.serve.config import load_config
 from tests.conftest import img2img_array
 
@@ -146,7 +147,7 @@ def test_quantize_makes_int8_weights_and_stays_close_to_fp32(
     assert to_q.weight.qdata.dtype == torch.int8
     assert accel.is_quantized(pipe.unet) and accel.is_quantized(pipe.text_encoder)
     assert not accel.is_quantized(pipe.vae) and not accel.is_quantized(tiny_pipeline.unet)
-    assert accel.psnr(img2img_array(pipe), fp32_reference) >= FAITHFUL_DB
+    assert psnr(img2img_array(pipe), fp32_reference) >= FAITHFUL_DB
 
 
 def test_quantize_leaves_lora_adapters_unquantized(tiny_model: Path, random_lora: Path) -> None:
@@ -166,7 +167,7 @@ def test_bf16_stays_close_to_fp32(tiny_model: Path, fp32_reference: np.ndarray) 
 
     pipe = load_img2img(tiny_model, device="cpu", dtype="bfloat16")
     assert pipe.unet.dtype == torch.bfloat16  # this CPU has bf16 (else fp32: see the fallback)
-    assert accel.psnr(img2img_array(pipe), fp32_reference) >= FAITHFUL_DB
+    assert psnr(img2img_array(pipe), fp32_reference) >= FAITHFUL_DB
 
 
 def test_compile_on_cpu_freezes_the_weights(tiny_pipeline: Any) -> None:
@@ -195,7 +196,7 @@ def test_compiled_frozen_int8_unet_stays_close_to_fp32(
         out = img2img_array(levered(tiny_pipeline, levers))
     finally:
         inductor.freezing = before
-    assert accel.psnr(out, fp32_reference) >= FAITHFUL_DB
+    assert psnr(out, fp32_reference) >= FAITHFUL_DB
 
 
 def test_token_merging_patches_the_unet_and_moves_the_output_boundedly(
@@ -206,7 +207,7 @@ def test_token_merging_patches_the_unet_and_moves_the_output_boundedly(
     assert blocks and type(blocks[-1]).__name__ == "ToMeBlock"
     out = img2img_array(pipe)
     assert not np.array_equal(out, fp32_reference)  # approximate: it does move the image
-    assert accel.psnr(out, fp32_reference) >= APPROXIMATE_DB
+    assert psnr(out, fp32_reference) >= APPROXIMATE_DB
 
 
 def test_deepcache_skips_the_deep_blocks_and_resets_between_calls(
@@ -217,7 +218,7 @@ def test_deepcache_skips_the_deep_blocks_and_resets_between_calls(
     pipe.unet.mid_block.resnets[0].register_forward_hook(lambda *_: calls.append(1))
     first = img2img_array(pipe)  # 4 steps x 0.75 = 3 UNet calls, the deep part on 2 of them
     assert len(calls) == 2
-    assert accel.psnr(first, fp32_reference) >= APPROXIMATE_DB
+    assert psnr(first, fp32_reference) >= APPROXIMATE_DB
     assert not np.array_equal(first, fp32_reference)
     # a call of another batch size and step count must not reuse this call's features
     from PIL import Image
@@ -279,9 +280,9 @@ def test_serving_levers_are_checked_in_the_config(levers: dict[str, Any], messag
 
 def test_psnr() -> None:
     a = np.zeros((4, 4, 3), np.float32)
-    assert accel.psnr(a, a) == float("inf")
-    assert accel.psnr(a, a + 0.1) == pytest.approx(20.0)
-    assert accel.psnr(np.zeros((2, 2), np.uint8), np.full((2, 2), 255, np.uint8)) == 0.0
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, a + 0.1) == pytest.approx(20.0)
+    assert psnr(np.zeros((2, 2), np.uint8), np.full((2, 2), 255, np.uint8)) == 0.0
 
 
 @pytest.mark.parametrize("name", ["lcm", "tcd"])

@@ -14,7 +14,7 @@ from PIL import Image
 from cvgen import portrait
 from cvgen.errors import CVGenError
 from cvgen.faces import Box
-from cvgen.images import open_image, resize_and_crop
+from cvgen.images import open_image, psnr, resize_and_crop
 from cvgen.serve.config import ServeConfig, load_config
 from cvgen.serve.engine import Img2ImgEngine, group_by_key
 from cvgen.serve.looks import SHIPPED_LOOKS, load_looks
@@ -119,7 +119,7 @@ def test_jpeg_answer_keeps_35_db_at_sd_resolution(portraits: dict[str, bytes]) -
             noise = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8))
             out = portrait.composite(framed.image, noise, portrait.keep_mask(size, framed.face))
             region = portrait.face_region(size, framed.face)
-            assert portrait.psnr(jpeg_roundtrip(out), framed.image, region) >= 35, (name, framing)
+            assert psnr(jpeg_roundtrip(out), framed.image, region) >= 35, (name, framing)
 
 
 # --- looks ------------------------------------------------------------------------------------
@@ -306,16 +306,16 @@ def test_keep_face_keeps_the_face_and_regenerates_around_it(
         # the face's pixels are the photo's: exact in the image (a PNG answer), and a JPEG
         # answer loses no more there than JPEG loses on the photo itself (at 64 px that is
         # 29-35 dB; at SD's 512 px, >= 39: test_jpeg_answer_keeps_35_db_at_sd_resolution)
-        assert portrait.psnr(result.image, req.image, region) == float("inf"), name
-        jpeg = portrait.psnr(jpeg_roundtrip(result.image), req.image, region)
-        assert jpeg >= portrait.psnr(jpeg_roundtrip(req.image), req.image, region) - 1, name
+        assert psnr(result.image, req.image, region) == float("inf"), name
+        jpeg = psnr(jpeg_roundtrip(result.image), req.image, region)
+        assert jpeg >= psnr(jpeg_roundtrip(req.image), req.image, region) - 1, name
         # outside the head everything is regenerated
         diff = np.abs(np.asarray(result.image, float) - np.asarray(req.image, float))
         assert diff[keep == 0].mean() > 10, name
         assert set(result.timings) == {"mask", "generate", "composite"}
         # plain img2img (keep_face false) repaints the face: what keep_face is for
         plain = engine.generate([request(engine, data, keep_face=False)])[0]
-        assert portrait.psnr(plain.image, req.image, region) < 25, name
+        assert psnr(plain.image, req.image, region) < 25, name
 
 
 def test_two_loras_differ_each_is_deterministic_and_batches_never_mix(

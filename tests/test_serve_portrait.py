@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cvgen import portrait
-from cvgen.images import open_image
+from cvgen.images import open_image, psnr
 from cvgen.serve.config import ServeConfig
 from cvgen.serve.schema import NO_FACE
 from cvgen.serve.server import build_server
@@ -77,7 +77,7 @@ def test_keep_face_keeps_the_face_pixels_and_says_which_box(
         assert r.headers["x-faces-found"] == "1"
         got = Image.open(io.BytesIO(r.content)).convert("RGB")
         region = portrait.face_region(got.size, face)
-        assert portrait.psnr(got, want.image, region) == float("inf"), name  # >= 35 dB
+        assert psnr(got, want.image, region) == float("inf"), name  # >= 35 dB
         keep = portrait.keep_mask(got.size, face)
         assert np.abs(pixels(r.content) - np.asarray(want.image))[keep == 0].mean() > 10, name
         stages = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
@@ -129,7 +129,7 @@ def test_several_faces_the_largest_is_kept_and_named(
     assert 0.3 < want.face.h / 64 < 0.45
     region = portrait.face_region((64, 64), want.face)
     got = Image.open(io.BytesIO(r.content)).convert("RGB")
-    assert portrait.psnr(got, want.image, region) == float("inf")
+    assert psnr(got, want.image, region) == float("inf")
 
 
 @pytest.mark.parametrize(
