@@ -11,9 +11,7 @@ import pytest
 # documents of the team that live outside the repository, and the folder beside the checkout
 # that holds them; the repository must not lean on them (the names are assembled so that this
 # file does not cite them itself)
-OUTSIDE_DOCS = tuple(name + ".md" for name in ("DESIGN", "ANCHORS", "DEVELOPERS")) + (
-    "../" + "shared",
-)
+OUTSIDE_DOCS = (*(name + ".md" for name in ("DESIGN", "ANCHORS", "DEVELOPERS")), "../" + "shared")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
