@@ -18,6 +18,7 @@ import torch
 from cvgen.errors import CVGenError
 
 DEFAULT_ADAPTER = "default"  # the adapter name of a lone LoRA (``lora: X`` in the serve config)
+SPEED_ADAPTER = "cvgen-speed"  # the adapter name of a few-step LoRA (``speed_lora``)
 BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 SCHEDULERS = {
@@ -189,23 +190,28 @@ class Pipelines:
     ``schedulers`` holds one scheduler per LoRA (its ``cvgen_lora.json`` settings) and the
     base model's under ``None``; :meth:`select` puts a LoRA's adapter and scheduler in place
     before a pipeline call. With one LoRA ``fused`` into the weights there is nothing to switch.
+    ``always``: adapters active under every LoRA (a few-step LoRA: ``speed_lora``), by name,
+    with their scales.
     """
 
     img2img: Any
     inpaint: Any
     schedulers: dict[str | None, Any]
     fused: bool = False
+    always: dict[str, float] = field(default_factory=dict)
     _active: tuple[str, float] | None = field(default=None, repr=False)
 
     def select(self, lora: str | None, scale: float) -> None:
         """Make ``lora`` at ``scale`` (None: no LoRA; only where none is loaded) the active
-        adapter of both pipelines, with its scheduler."""
+        adapter of both pipelines, with its scheduler (and the ``always`` adapters)."""
         sched = self.schedulers[lora]
         self.img2img.scheduler = sched
         self.inpaint.scheduler = sched
         if lora is None or self.fused or self._active == (lora, scale):
             return
-        self.img2img.set_adapters([lora], adapter_weights=[scale])  # shared: both pipelines
+        self.img2img.set_adapters(  # shared: both pipelines
+            [lora, *self.always], adapter_weights=[scale, *self.always.values()]
+        )
         self._active = (lora, scale)
 
 
@@ -234,11 +240,17 @@ def load_pipelines(
     device: str | None = "auto",
     dtype: str | None = "auto",
     scheduler: str = "dpm++",
+    speed_lora: str | os.PathLike[str] | None = None,
+    speed_lora_scale: float = 1.0,
 ) -> Pipelines:
     """The base model with every LoRA in ``loras`` (name -> file or folder) as a peft adapter of
     that name, as :class:`Pipelines`. One LoRA with ``fuse`` is merged into the weights at
     ``lora_scale``; several stay separate adapters, switched per call (:meth:`Pipelines.select`).
-    Each LoRA is checked against the base first (one-line :class:`CVGenError`)."""
+    Each LoRA is checked against the base first (one-line :class:`CVGenError`).
+
+    ``speed_lora``: a few-step LoRA (LCM-LoRA, TCD-LoRA; for ``scheduler`` ``lcm`` or ``tcd``)
+    stacked at ``speed_lora_scale`` on whichever LoRA a call uses: fused with it where that LoRA
+    is fused (or fused alone where there is no other), else an adapter active beside it."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from cvgen.lora import check_lora_fits, lora_scheduler_settings
@@ -248,6 +260,8 @@ def load_pipelines(
     check_base(str(base))
     for path in loras.values():
         check_lora_fits(base, path)
+    if speed_lora:
+        check_lora_fits(base, speed_lora)
     try:
         pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
             str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
@@ -258,14 +272,21 @@ def load_pipelines(
     schedulers: dict[str | None, Any] = {None: make_scheduler(scheduler, config)}
     for name, path in loras.items():
         schedulers[name] = make_scheduler(scheduler, config, **lora_scheduler_settings(path))
-    _load_adapters(pipe, loras)
-    fused = fuse and len(loras) == 1
-    if fused:
+    always = {SPEED_ADAPTER: speed_lora_scale} if speed_lora else {}
+    _load_adapters(pipe, {**loras, **({SPEED_ADAPTER: speed_lora} if speed_lora else {})})
+    fused = fuse and len(loras) <= 1 and bool(loras or always)
+    if always:  # the first LoRA (a call's select switches it) and the few-step one, each at
+        # its scale: set_adapters holds the scales, so fuse_lora adds none of its own
+        active = {name: lora_scale for name in list(loras)[:1]} | always
+        pipe.set_adapters(list(active), adapter_weights=list(active.values()))
+        if fused:
+            pipe.fuse_lora(lora_scale=1.0, adapter_names=list(active))
+    elif fused:
         pipe.fuse_lora(lora_scale=lora_scale)
     pipe.scheduler = schedulers[next(iter(loras), None)]
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(dev)
-    return Pipelines(pipe, inpaint_pipeline(pipe), schedulers, fused)
+    return Pipelines(pipe, inpaint_pipeline(pipe), schedulers, fused, always)
 
 
 def _load_adapters(pipe: Any, loras: Mapping[str, str | os.PathLike[str]]) -> None:

@@ -11,6 +11,9 @@ A combination is written as ``+``-joined tokens:
     dyn       quantize int8-dynamic    wo        quantize int8-weight (the UNet's Linears)
     tome0.5   token_merging 0.5        dc3       deepcache_interval 3
     s20       20 scheduler steps instead of --steps (a fewer-step schedule: approximate)
+    lcm       a few-step LoRA (``speed_lora``: ``--speed-lora``, else a random rank-64 one, as
+              LCM-LoRA) fused, the LCM scheduler, 8 steps (or sN), guidance 1: approximate, and
+              its PSNR is that of another sampler (a trained LCM-LoRA is judged by eye)
 
 Every combination is its own pipeline in this process, all loaded at once; after one warm-up
 call each (the compile), the rounds run them interleaved (A, B, C, A, B, C, ...), so a load that
@@ -36,6 +39,7 @@ from typing import Any
 from cvgen.accel import ServeLevers
 from cvgen.images import psnr
 
+LCM_STEPS = 8  # lcm's steps unless an sN token says otherwise
 TOKENS: dict[str, dict[str, Any]] = {
     "cl": {"channels_last": True},
     "compile": {"compile_unet": True},
@@ -53,19 +57,28 @@ class Combo:
     levers: ServeLevers | None  # None: the bare pipeline, nothing applied
     steps: int
     fewer_steps: bool = False
+    speed_lora: bool = False  # lcm: the few-step LoRA, the LCM scheduler, guidance 1
+    guidance: float = 7.0
 
     @property
     def approximate(self) -> bool:
-        return self.fewer_steps or (self.levers is not None and bool(self.levers.approximate))
+        return (
+            self.fewer_steps
+            or self.speed_lora
+            or (self.levers is not None and bool(self.levers.approximate))
+        )
 
 
 def parse_combo(name: str, steps: int) -> Combo:
     """``bf16+compile+dyn`` -> Combo (see the module docstring for the tokens)."""
     if name == "fp32":
         return Combo(name, "float32", None, steps)
-    dtype, default_steps = "float32", steps
+    dtype, default_steps, lcm = "float32", steps, False
     kw: dict[str, Any] = {}
-    for tok in name.split("+"):
+    tokens = name.split("+")
+    if "lcm" in tokens and not any(t.startswith("s") and t[1:].isdigit() for t in tokens):
+        steps = LCM_STEPS
+    for tok in tokens:
         if tok == "bf16":
             dtype = "bfloat16"
         elif tok == "fp32":
@@ -78,21 +91,52 @@ def parse_combo(name: str, steps: int) -> Combo:
             kw["deepcache_interval"] = int(tok[2:])
         elif tok.startswith("s") and tok[1:].isdigit():
             steps = int(tok[1:])
+        elif tok == "lcm":
+            lcm = True
         else:
             raise SystemExit(f"unknown lever token {tok!r} in {name!r}")
-    return Combo(name, dtype, ServeLevers(**kw), steps, steps < default_steps)
+    return Combo(
+        name,
+        dtype,
+        ServeLevers(**kw),
+        steps,
+        steps < default_steps and not lcm,
+        speed_lora=lcm,
+        guidance=1.0 if lcm else 7.0,
+    )
 
 
-def load(model: Path, combo: Combo) -> Any:
-    from cvgen.pipeline import load_img2img
+def random_speed_lora(model: Path, out: Path, rank: int = 64) -> Path:
+    """A few-step LoRA stand-in for ``model`` (LCM-LoRA's rank 64 on the UNet), built once in
+    ``out``: peft's initialisation (the up factors zero), so it times the path, not a look."""
+    from diffusers import UNet2DConditionModel
 
-    pipe = load_img2img(model, device="cpu", dtype=combo.dtype)
+    from cvgen.lora import DIFFUSERS_WEIGHT_NAME, LoRASpec, add_lora, save_lora
+
+    if not (out / DIFFUSERS_WEIGHT_NAME).is_file():
+        unet = UNet2DConditionModel.from_pretrained(model / "unet")
+        unet.requires_grad_(False)
+        add_lora(unet, LoRASpec(rank=rank))
+        save_lora(out, unet, kohya=False)
+    return out
+
+
+def load(model: Path, combo: Combo, speed_lora: Path | None = None) -> Any:
+    from cvgen.pipeline import load_img2img, load_pipelines
+
+    if combo.speed_lora:
+        lora = speed_lora or random_speed_lora(model, model.parent / f"{model.name}-speed-lora")
+        pipe = load_pipelines(
+            model, {}, device="cpu", dtype=combo.dtype, scheduler="lcm", speed_lora=lora
+        ).img2img
+    else:
+        pipe = load_img2img(model, device="cpu", dtype=combo.dtype)
     if combo.levers is not None:
         print(f"  {combo.name}: {combo.levers.apply_pipeline(pipe, cpu=True)}", flush=True)
     return pipe
 
 
-def run_once(pipe: Any, image: Any, args: argparse.Namespace, steps: int, seed: int = 0) -> Any:
+def run_once(pipe: Any, image: Any, args: argparse.Namespace, c: Combo, seed: int = 0) -> Any:
     import torch
 
     return pipe(
@@ -100,8 +144,8 @@ def run_once(pipe: Any, image: Any, args: argparse.Namespace, steps: int, seed: 
         negative_prompt=[""],
         image=[image],
         strength=args.strength,
-        num_inference_steps=steps,
-        guidance_scale=7.0,
+        num_inference_steps=c.steps,
+        guidance_scale=c.guidance,
         generator=[torch.Generator().manual_seed(seed)],
         output_type="pil",
     ).images[0]
@@ -127,13 +171,13 @@ def lever_table(
     image = Image.open(io.BytesIO(photo)).convert("RGB")
     pipes, outputs, first = {}, {}, {}
     for c in combos:
-        pipes[c.name] = load(model, c)
+        pipes[c.name] = load(model, c, getattr(args, "speed_lora", None))
         t0 = time.perf_counter()
-        outputs[c.name] = np.asarray(run_once(pipes[c.name], image, args, c.steps))
+        outputs[c.name] = np.asarray(run_once(pipes[c.name], image, args, c))
         first[c.name] = time.perf_counter() - t0  # the first call (compiles, if compiled)
         print(f"  {c.name}: first call {first[c.name]:.1f} s", flush=True)
     ref = outputs["fp32"]
-    other_seed = np.asarray(run_once(pipes["fp32"], image, args, args.steps, seed=1))
+    other_seed = np.asarray(run_once(pipes["fp32"], image, args, combos[0], seed=1))
     times: dict[str, list[float]] = {c.name: [] for c in combos}
     http: dict[str, list[float]] = {name: [] for name in servers}
     with httpx.Client() as client:
@@ -142,7 +186,7 @@ def lever_table(
         for r in range(args.rounds):
             for c in combos:
                 t0 = time.perf_counter()
-                out = np.asarray(run_once(pipes[c.name], image, args, c.steps))
+                out = np.asarray(run_once(pipes[c.name], image, args, c))
                 times[c.name].append(time.perf_counter() - t0)
                 if not np.array_equal(out, outputs[c.name]):
                     print(f"  note: {c.name} is not deterministic across calls", flush=True)
@@ -195,6 +239,8 @@ def start_servers(
     servers: dict[str, Any] = {}
     for name in names:
         c = parse_combo(name, args.steps)
+        if c.speed_lora:
+            raise SystemExit(f"{name}: lcm is timed on the bare pipeline only, not over HTTP")
         a = copy.copy(args)
         a.dtype, a.steps = c.dtype, c.steps
         servers[name] = server_cls(

@@ -312,6 +312,12 @@ def main() -> None:
     )
     p.add_argument("--lever-rounds", type=int, default=3, help="interleaved timed rounds")
     p.add_argument(
+        "--speed-lora",
+        type=Path,
+        default=None,
+        help="the few-step LoRA of the lcm lever (default: a random rank-64 stand-in)",
+    )
+    p.add_argument(
         "--http-levers", default="fp32", help="combinations also timed over HTTP (paired)"
     )
     p.add_argument("--workdir", default="/tmp/cvgen-bench")

@@ -30,12 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cvgen.accel import ServeLevers
 from cvgen.data.prepare import PrepareConfig
 from cvgen.errors import CVGenError
-from cvgen.pipeline import DEFAULT_ADAPTER
+from cvgen.pipeline import DEFAULT_ADAPTER, SPEED_ADAPTER
 from cvgen.portrait import Framing, framed_size
 from cvgen.serve.validation import UNKNOWN, first_error, phrase, shown
 
 DEFAULT_RESOLUTION = 512
 DEFAULT_SCALE_FACTOR = 8
+FEW_STEP_SCHEDULERS = ("lcm", "tcd")  # what a speed_lora (LCM-LoRA, TCD-LoRA) needs
 LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 Location = tuple[str, ...]
 
@@ -62,6 +63,8 @@ class ServeConfig(BaseModel):
     lora_scale: float = Field(1.0, ge=0)
     fuse_lora: bool = True
     scheduler: str = "dpm++"
+    speed_lora: str | None = None  # a few-step LoRA (LCM/TCD) file or folder under every LoRA
+    speed_lora_scale: float = Field(1.0, ge=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     dtype: str = "auto"
     resolution: int | None = Field(None, ge=8)
@@ -179,6 +182,8 @@ class ServeConfig(BaseModel):
                 "and loras are both set: lora X is short for loras: {default: X}; list every "
                 "LoRA under loras",
             )
+        if self.speed_lora is not None:
+            self._check_speed_lora()
         if self.default_lora is not None and self.default_lora not in self.lora_map:
             known = ", ".join(self.lora_map) or "none"
             raise SettingError(
@@ -209,6 +214,20 @@ class ServeConfig(BaseModel):
                 f"{self.default_steps} x {self.default_strength}",
             )
         return self
+
+    def _check_speed_lora(self) -> None:
+        if self.scheduler not in FEW_STEP_SCHEDULERS:
+            raise SettingError(
+                ("scheduler", "speed_lora"),
+                f"must be {' or '.join(FEW_STEP_SCHEDULERS)} with a speed_lora (the scheduler "
+                f"it was distilled for), got {self.scheduler!r}",
+            )
+        if not self.speed_lora or self.speed_lora.startswith("wandb://"):
+            raise SettingError(
+                ("speed_lora",), f"must be a local LoRA file or folder, got {self.speed_lora!r}"
+            )
+        if SPEED_ADAPTER in self.lora_map:
+            raise SettingError(("loras",), f"name {SPEED_ADAPTER!r} is the speed_lora's own")
 
     # --- what follows from the settings ---
     @property

@@ -62,12 +62,15 @@ class Img2ImgEngine:
             device=dev,
             dtype=cfg.dtype,
             scheduler=cfg.scheduler,
+            speed_lora=cfg.speed_lora,
+            speed_lora_scale=cfg.speed_lora_scale,
         )
         log.info(
-            "model loaded: base=%s loras=%s default=%s fused=%s device=%s in %.1f s",
+            "model loaded: base=%s loras=%s default=%s speed_lora=%s fused=%s device=%s in %.1f s",
             cfg.base,
             ",".join(f"{k}={v}" for k, v in cfg.lora_map.items()) or "none",
             cfg.default_lora_name,
+            cfg.speed_lora or "none",
             pipes.fused,
             dev,
             time.perf_counter() - t0,

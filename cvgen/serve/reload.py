@@ -154,6 +154,9 @@ def info_body(served: Served, server: dict[str, Any]) -> dict[str, Any]:
         "generation": served.generation,
         "loaded_at": round(served.loaded_at, 3),
         "scheduler": cfg.scheduler,
+        "speed_lora": (
+            {"path": cfg.speed_lora, "scale": cfg.speed_lora_scale} if cfg.speed_lora else None
+        ),
         "dtype": cfg.dtype,
         "resolution": cfg.image_size,
         "levers": dataclasses.asdict(cfg.levers),

@@ -127,7 +127,8 @@ def resolve_source(
 def resolve_sources(cfg: ServeConfig, api: Any = None) -> dict[str, LoraSource]:
     """Every LoRA of ``cfg`` resolved (``wandb://`` references downloaded once, aliases
     resolved now) and checked against the base model (one line for a LoRA made for another
-    base, naming ``loras.NAME`` where several are configured), by name."""
+    base, naming ``loras.NAME`` where several are configured), by name. The ``speed_lora`` (a
+    local file or folder) is checked the same way."""
     resolved = {}
     for name, ref in cfg.lora_map.items():
         try:
@@ -138,6 +139,12 @@ def resolve_sources(cfg: ServeConfig, api: Any = None) -> dict[str, LoraSource]:
                 raise
             raise CVGenError(f"loras.{name}: {e}") from None
         resolved[name] = source
+    if cfg.speed_lora:
+        try:
+            resolve_lora_file(cfg.speed_lora)
+            check_lora_fits(cfg.base, cfg.speed_lora)
+        except (CVGenError, FileNotFoundError) as e:
+            raise CVGenError(f"speed_lora: {e}") from None
     return resolved
 
 
