@@ -258,10 +258,9 @@ def load_pipelines(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     check_base(str(base))
-    for path in loras.values():
+    adapters = {**loras, **({SPEED_ADAPTER: speed_lora} if speed_lora else {})}
+    for path in adapters.values():
         check_lora_fits(base, path)
-    if speed_lora:
-        check_lora_fits(base, speed_lora)
     try:
         pipe: Any = StableDiffusionImg2ImgPipeline.from_pretrained(
             str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
@@ -273,7 +272,7 @@ def load_pipelines(
     for name, path in loras.items():
         schedulers[name] = make_scheduler(scheduler, config, **lora_scheduler_settings(path))
     always = {SPEED_ADAPTER: speed_lora_scale} if speed_lora else {}
-    _load_adapters(pipe, {**loras, **({SPEED_ADAPTER: speed_lora} if speed_lora else {})})
+    _load_adapters(pipe, adapters)
     fused = fuse and len(loras) <= 1 and bool(loras or always)
     if always:  # the first LoRA (a call's select switches it) and the few-step one, each at
         # its scale: set_adapters holds the scales, so fuse_lora adds none of its own

@@ -63,22 +63,28 @@ def tiny_pipeline(tiny_model: Path):
 
 
 def make_random_lora(
-    base: Path, out: Path, seed: int = 1, info: dict[str, Any] | None = None
+    base: Path,
+    out: Path,
+    seed: int = 1,
+    info: dict[str, Any] | None = None,
+    alpha: float | None = None,
+    kohya: bool = False,
 ) -> Path:
-    """A LoRA with visible (random, non-zero) weights on a model's UNet, saved by cvgen.lora
-    (with ``info`` as its cvgen_lora.json)."""
+    """A rank-4 LoRA with visible (random, non-zero) weights on a model's UNet, saved by
+    cvgen.lora (with ``info`` as its cvgen_lora.json, and a kohya-format file beside the
+    diffusers one with ``kohya``). Returns the diffusers file."""
     from diffusers import UNet2DConditionModel
 
     from cvgen.lora import LoRASpec, add_lora, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     unet.requires_grad_(False)
-    params = add_lora(unet, LoRASpec(rank=4))
+    params = add_lora(unet, LoRASpec(rank=4, alpha=alpha))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return save_lora(out, unet, kohya=False, info=info)
+    return save_lora(out, unet, kohya=kohya, info=info)
 
 
 def img2img_array(pipe: Any) -> np.ndarray:

@@ -20,7 +20,7 @@ from cvgen.serve.config import ServeConfig, SettingError
 from cvgen.serve.server import build_server
 from cvgen.serve.wandb_lora import resolve_sources
 
-from .conftest import served
+from .conftest import make_random_lora, served
 
 PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
 
@@ -28,20 +28,8 @@ PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), n
 @pytest.fixture(scope="module")
 def speed_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A kohya-format LoRA file (``lora_unet_...`` keys, alpha 8 at rank 4), as LCM-LoRA ships."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from cvgen.lora import LoRASpec, add_lora, save_lora
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
-    unet.requires_grad_(False)
-    params = add_lora(unet, LoRASpec(rank=4, alpha=8))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     folder = tmp_path_factory.mktemp("lcm")
-    save_lora(folder, unet, kohya=True)
+    make_random_lora(tiny_model, folder, seed=7, alpha=8, kohya=True)
     return folder / KOHYA_WEIGHT_NAME
 
 
