@@ -12,7 +12,9 @@ Faithful (the output stays close to fp32; benchmarks/README.md gives each one's 
 - ``quantize``: int8 weights of the parts in ``quantize_parts`` (torchao): ``int8-dynamic``
   (int8 weights and activations, quantized per call: int8 matmuls under ``compile_unet``) or
   ``int8-weight`` (int8 weights, bf16/fp32 compute). Only ``nn.Linear`` layers: the
-  convolutions stay as they are.
+  convolutions stay as they are. ``int8-static`` (the UNet only, with ``compile_unet``, on x86
+  CPUs): convolutions and Linear layers in int8 with activation scales calibrated on the served
+  model (``calibration_steps`` UNet calls per latent size; :mod:`cvgen.int8`).
 - bf16 is the serve config's ``dtype`` (:func:`cvgen.pipeline.resolve_dtype` falls back to fp32
   with one log line on a CPU without bf16 support, :func:`cpu_supports_bf16`).
 
@@ -29,6 +31,7 @@ one of them and does not find it stops the server with a message that says so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -43,7 +46,7 @@ from cvgen.errors import CVGenError
 from cvgen.perf import SpeedLevers
 
 log = logging.getLogger(__name__)
-QUANTIZE = ("none", "int8-dynamic", "int8-weight")
+QUANTIZE = ("none", "int8-dynamic", "int8-weight", "int8-static")
 QUANTIZE_PARTS = ("unet", "text_encoder", "vae")
 EXTRA = 'pip install "cvgen[cpu-fast]"'
 
@@ -60,6 +63,7 @@ class ServeLevers(SpeedLevers):
         token_merging: tomesd's merge ratio in [0, 0.75) (0: off). Approximate.
         deepcache_interval: full UNet every N steps (0 or 1: off). Approximate.
         deepcache_branch: DeepCache's cached branch (0: the shallowest, fastest).
+        calibration_steps: UNet calls that calibrate ``int8-static`` at each latent size.
     """
 
     threads: int = 0
@@ -69,6 +73,7 @@ class ServeLevers(SpeedLevers):
     token_merging: float = 0.0
     deepcache_interval: int = 0
     deepcache_branch: int = 0
+    calibration_steps: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +88,8 @@ class ServeLevers(SpeedLevers):
             raise ValueError(
                 f"quantize_parts must name {', '.join(QUANTIZE_PARTS)}, got {unknown[0]!r}"
             )
+        if self.quantize == "int8-static":
+            self._check_int8_static()
         if not 0 <= self.token_merging < 0.75:
             raise ValueError(f"token_merging must be in [0, 0.75), got {self.token_merging}")
         if self.deepcache_interval < 0 or self.deepcache_branch < 0:
@@ -92,6 +99,22 @@ class ServeLevers(SpeedLevers):
                 "deepcache_interval does not combine with compile_unet (DeepCache switches the "
                 "UNet's blocks in Python at every step); turn one of them off"
             )
+
+    def _check_int8_static(self) -> None:
+        if not self.compile_unet:
+            raise ValueError(
+                "quantize int8-static needs compile_unet: true (inductor lowers its int8 "
+                "convolutions and matmuls; uncompiled they run as slow reference ops)"
+            )
+        if self.quantize_parts != ["unet"]:
+            raise ValueError(
+                f"quantize int8-static quantizes the UNet only: quantize_parts must be [unet], "
+                f"got {self.quantize_parts}"
+            )
+        if self.token_merging:
+            raise ValueError("quantize int8-static does not combine with token_merging")
+        if self.calibration_steps < 1:
+            raise ValueError(f"calibration_steps must be >= 1, got {self.calibration_steps}")
 
     @property
     def approximate(self) -> list[str]:
@@ -111,6 +134,8 @@ class ServeLevers(SpeedLevers):
         done = []
         if cpu:
             done.append(f"threads={set_threads(self.threads, workers)}")
+        if self.quantize == "int8-static":
+            return self._apply_int8_static(pipe, cpu, done)
         if self.quantize != "none":
             for part in self.quantize_parts:
                 quantize_module(getattr(pipe, part), self.quantize)
@@ -126,6 +151,26 @@ class ServeLevers(SpeedLevers):
             done.append(f"deepcache_interval={self.deepcache_interval}")
         shared = self.apply(pipe.unet, others=(pipe.vae,), cpu=cpu)
         return f"{shared}, {', '.join(done) or 'no serving levers'}"
+
+    def _apply_int8_static(self, pipe: Any, cpu: bool, done: list[str]) -> str:
+        """int8-static: the shared levers but compile (the int8 graphs compile themselves),
+        then the UNet's forward as :class:`cvgen.int8.Int8UNet`."""
+        if not cpu:
+            raise CVGenError(
+                "levers.quantize: int8-static is for x86 CPUs (oneDNN's int8 kernels); on a GPU "
+                "serve bf16 or fp16 (dtype) with compile_unet"
+            )
+        from cvgen.int8 import quantize_unet_static
+
+        eager = dataclasses.replace(self, compile_unet=False, quantize="none")
+        shared = eager.apply(pipe.unet, others=(pipe.vae,), cpu=cpu)
+        set_freezing(self.freeze_weights)
+        quantize_unet_static(pipe, self.calibration_steps, self.compile_mode)
+        done += [
+            f"quantize=int8-static(unet, {self.calibration_steps} calibration steps, compiled)",
+            f"freeze_weights={self.freeze_weights}",
+        ]
+        return f"{shared}, {', '.join(done)}"
 
 
 # --- threads ---

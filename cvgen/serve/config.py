@@ -184,6 +184,12 @@ class ServeConfig(BaseModel):
             )
         if self.speed_lora is not None:
             self._check_speed_lora()
+        if self.levers.quantize == "int8-static" and self.lora_map and not self.fused:
+            raise SettingError(
+                ("fuse_lora", "loras"),
+                "must be true, with one LoRA under loras, for levers.quantize int8-static (it "
+                "bakes the LoRA into the UNet's int8 graph; switchable adapters cannot be in it)",
+            )
         if self.default_lora is not None and self.default_lora not in self.lora_map:
             known = ", ".join(self.lora_map) or "none"
             raise SettingError(
