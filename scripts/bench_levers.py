@@ -8,6 +8,8 @@ A combination is written as ``+``-joined tokens:
     fp32      the bare pipeline: StableDiffusionImg2ImgPipeline, fp32, no lever applied
     bf16      dtype bfloat16 (fp32 with a log line on a CPU without bf16)
     cl        channels_last            compile   compile_unet (CPU: with frozen weights)
+    mat       compile_unet in mode max-autotune (inductor's C++ GEMM templates on a CPU)
+    i8s       quantize int8-static with compile_unet (int8 convolutions and Linears, calibrated)
     dyn       quantize int8-dynamic    wo        quantize int8-weight (the UNet's Linears)
     tome0.5   token_merging 0.5        dc3       deepcache_interval 3
     s20       20 scheduler steps instead of --steps (a fewer-step schedule: approximate)
@@ -43,6 +45,8 @@ LCM_STEPS = 8  # lcm's steps unless an sN token says otherwise
 TOKENS: dict[str, dict[str, Any]] = {
     "cl": {"channels_last": True},
     "compile": {"compile_unet": True},
+    "mat": {"compile_unet": True, "compile_mode": "max-autotune"},
+    "i8s": {"compile_unet": True, "quantize": "int8-static"},
     "dyn": {"quantize": "int8-dynamic"},
     "wo": {"quantize": "int8-weight"},
 }

@@ -22,6 +22,12 @@ def test_combinations_parse_as_documented() -> None:
     assert (c.dtype, c.steps, c.approximate) == ("bfloat16", 30, True)
     assert c.levers is not None and c.levers.channels_last and c.levers.deepcache_interval == 3
     assert not bench_levers.parse_combo("bf16+cl", 30).approximate
+    mat = bench_levers.parse_combo("bf16+mat+dyn", 30).levers
+    assert mat is not None and (mat.compile_unet, mat.compile_mode, mat.quantize) == (
+        True,
+        "max-autotune",
+        "int8-dynamic",
+    )
     assert bench_levers.parse_combo("fp32", 30).levers is None
     lcm = bench_levers.parse_combo("bf16+lcm", 30)
     assert (lcm.steps, lcm.guidance, lcm.speed_lora, lcm.approximate) == (8, 1.0, True, True)
