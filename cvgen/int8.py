@@ -106,8 +106,8 @@ class Int8UNet:
         extra = [k for k, v in kwargs.items() if v is not None and v != {}]
         if args or extra:
             raise CVGenError(
-                f"levers.quantize: int8-static runs the plain text-to-image UNet call; this "
-                f"pipeline also passes {', '.join(extra) or 'positional extras'}"
+                f"levers.quantize: int8-static runs the UNet on latents, a timestep and text "
+                f"embeddings only; this pipeline also passes {', '.join(extra) or 'more'}"
             )
         t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
         if t.numel() > 1 and not bool((t == t[0]).all()):
@@ -130,6 +130,11 @@ class Int8UNet:
         calibrated on first use)."""
         key = (height, width)
         if key not in self.graphs:
+            import torch._dynamo.config as dynamo
+
+            # one compile per batch size (dynamic=False): past dynamo's limit (8) a graph would
+            # fall back to the slow reference int8 ops
+            dynamo.recompile_limit = max(dynamo.recompile_limit, MAX_BATCH + 1)
             graph = self.quantize(height, width)
             self.graphs[key] = torch.compile(graph, dynamic=False, mode=self.compile_mode)
         return self.graphs[key]

@@ -26,12 +26,14 @@ INT8 = {"compile_unet": True, "quantize": "int8-static", "calibration_steps": 2}
 
 
 @pytest.fixture(autouse=True)
-def _inductor_freezing() -> Iterator[None]:
+def _process_settings() -> Iterator[None]:
+    """What int8-static sets for the whole process, put back for the other tests."""
+    import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor
 
-    before = inductor.freezing
+    before = inductor.freezing, dynamo.recompile_limit
     yield
-    inductor.freezing = before
+    inductor.freezing, dynamo.recompile_limit = before
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,7 @@ def test_the_unet_runs_int8_and_stays_close_to_fp32(
     assert isinstance(int8, Int8UNet)
     out = img2img_array(pipe)
     assert int8.calibrated == [(32, 32)]  # the 64 px photo's latents (the tiny VAE halves)
+    assert torch._dynamo.config.recompile_limit >= 63  # every batch size keeps its int8 graph
     graph = converted_graph(int8, (32, 32))
     targets = {str(n.target) for n in graph.graph.nodes}
     assert any("quantize_per_tensor" in t for t in targets)  # int8 activations
