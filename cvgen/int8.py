@@ -191,22 +191,24 @@ class Int8UNet:
         scheduler.set_timesteps(steps)
         window = scheduler.timesteps[int(steps * (1 - strength)) :]
         picks = torch.linspace(0, len(window) - 1, self.calibration_steps).round().long()
-        generator = torch.Generator().manual_seed(0)
-        sources = list(sample_sources().items())
-        calls = []
-        for i, index in enumerate(picks.tolist()):
-            name, path = sources[i % len(sources)]
+        # each portrait and caption encoded once: the calls take them in turn
+        encoded = []
+        for name, path in sample_sources().items():
             image = resize_and_crop(open_image(path), width * factor, height * factor)
             pixels = pipe.image_processor.preprocess(image).to(pipe.vae.device, pipe.vae.dtype)
             latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+            embeds, negative = pipe.encode_prompt(_CAPTIONS[name], pipe.device, 1, True, "")
+            encoded.append((latents, torch.cat([negative, embeds]).float()))
+        generator = torch.Generator().manual_seed(0)
+        calls = []
+        for i, index in enumerate(picks.tolist()):
+            latents, e = encoded[i % len(encoded)]
             t = window[index]
             if hasattr(scheduler, "_step_index"):  # Euler-type: find the sigma of t again
                 scheduler._step_index = None
             noise = torch.randn(latents.shape, generator=generator).to(latents)
             noisy = scheduler.add_noise(latents, noise, t.reshape(1))
             x = scheduler.scale_model_input(torch.cat([noisy, noisy]), t).float()
-            embeds, negative = pipe.encode_prompt(_CAPTIONS[name], pipe.device, 1, True, "")
-            e = torch.cat([negative, embeds]).float()
             calls.append((x, t.float().reshape(()), e))
         return calls
 

@@ -87,7 +87,13 @@ def make_random_lora(
     return save_lora(out, unet, kohya=kohya, info=info)
 
 
-def img2img_array(pipe: Any) -> np.ndarray:
+@pytest.fixture(scope="session")
+def fp32_reference(tiny_pipeline: Any) -> np.ndarray:
+    """The tiny pipeline's :func:`img2img_array` in fp32: what the speed levers are held to."""
+    return img2img_array(tiny_pipeline)
+
+
+def img2img_array(pipe: Any, guidance_scale: float = 5.0) -> np.ndarray:
     """A few seeded img2img steps of ``pipe`` on a fixed random 64 px photo, as an array."""
     from PIL import Image
 
@@ -97,7 +103,7 @@ def img2img_array(pipe: Any) -> np.ndarray:
         image=photo,
         strength=0.75,
         num_inference_steps=4,
-        guidance_scale=5.0,
+        guidance_scale=guidance_scale,
         generator=torch.Generator().manual_seed(0),
         output_type="np",
     )

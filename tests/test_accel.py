@@ -121,11 +121,6 @@ def test_bf16_on_a_cpu_without_it_falls_back_to_fp32_with_one_line(
     assert resolve_dtype("auto", "cpu") == torch.bfloat16  # and bf16 where the CPU has it
 
 
-@pytest.fixture(scope="module")
-def fp32_reference(tiny_pipeline: Any) -> np.ndarray:
-    return img2img_array(tiny_pipeline)
-
-
 def levered(tiny_pipeline: Any, levers: ServeLevers) -> Any:
     """A copy of the tiny pipeline with ``levers`` applied (the session's stays as it is)."""
     pipe = copy.deepcopy(tiny_pipeline)

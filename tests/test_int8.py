@@ -36,11 +36,6 @@ def _process_settings() -> Iterator[None]:
     inductor.freezing, dynamo.recompile_limit = before
 
 
-@pytest.fixture(scope="module")
-def fp32_reference(tiny_pipeline: Any) -> np.ndarray:
-    return img2img_array(tiny_pipeline)
-
-
 def int8_pipeline(tiny_pipeline: Any, **levers: Any) -> Any:
     pipe = copy.deepcopy(tiny_pipeline)
     before = torch.get_num_threads()

@@ -20,7 +20,7 @@ from cvgen.serve.config import ServeConfig, SettingError
 from cvgen.serve.server import build_server
 from cvgen.serve.wandb_lora import resolve_sources
 
-from .conftest import make_random_lora, served
+from .conftest import img2img_array, make_random_lora, served
 
 PHOTO = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
 
@@ -34,19 +34,8 @@ def speed_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def sample(pipes: Any, lora: str | None, scale: float = 1.0) -> np.ndarray:
-    import torch
-
     pipes.select(lora, scale)
-    out = pipes.img2img(
-        prompt="a professional portrait",
-        image=PHOTO,
-        strength=0.75,
-        num_inference_steps=4,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    return np.asarray(out.images[0])
+    return img2img_array(pipes.img2img, guidance_scale=1.0)  # a few-step LoRA's guidance
 
 
 def load(tiny_model: Path, loras: dict[str, Path], **kw: Any) -> Any:
